@@ -1,0 +1,42 @@
+# vm-agent developer entry points. Every target installs what it needs on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup proto proto-check test lint demo bench interop packages clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard vm_agent/proto/*.proto)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m vm_agent.proto.generate >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python -m vm_agent.proto.generate
+
+proto-check: $(STAMP)
+	$(BIN)/python -m vm_agent.proto.generate --check
+
+lint: $(STAMP) proto-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP)
+	$(BIN)/pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m vm_agent.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+interop: $(STAMP)
+	$(BIN)/pytest -q -m interop tests/interop
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
