@@ -1,0 +1,1 @@
+"""Workload identity: key + CSR, the CA client, rotation and persistence, and the SDS server for Envoy."""

@@ -1,0 +1,238 @@
+"""How the agent dials istiod: TLS verified against root-cert.pem, server name, client certificate, bearer token.
+
+Both the CA client and the xDS proxy open their connections through ``open_channel`` and attach
+``call_metadata`` to every call, so the two upstream paths authenticate the same way istio's agent does:
+the token file is re-read on every call and the current workload certificate (if still valid) is presented
+as the TLS client certificate, which is what keeps a VM renewable after its bootstrap token expired.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from vm_agent.logs import get_logger
+
+log = get_logger("upstream")
+
+ClientCertProvider = Callable[[], tuple[bytes, bytes] | None]
+"""Returns (key PEM, chain PEM) of the current SVID if it is valid now, else ``None``."""
+
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+MAX_RECEIVE_MESSAGE_LENGTH = 2**31 - 1
+_WINDOW_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    address: str
+    """As configured, e.g. ``istiod.istio-system.svc:15012`` (used in messages)."""
+    dial_target: str
+    """``ip:port`` actually dialed."""
+    server_name: str
+    """TLS name verified against istiod's serving certificate."""
+    root_cert_path: Path
+    """PEM bundle that must have signed istiod's serving certificate."""
+    token_path: Path | None
+    """Bearer token file, re-read on every call."""
+    cluster_id: str
+    """Sent as metadata ``clusterid``."""
+    extra_metadata: tuple[tuple[str, str], ...] = ()
+    """XDS_HEADER_* / CA_HEADER_* pairs (keys lower-cased)."""
+    plaintext: bool = False
+    """CA_ADDR ending in :15010: no TLS at all."""
+
+
+class UpstreamError(Exception):
+    """A problem with the upstream configuration that the operator must fix (message names the file)."""
+
+
+_warned_lock = threading.Lock()
+_warned_token_paths: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    with _warned_lock:
+        if key in _warned_token_paths:
+            return
+        _warned_token_paths.add(key)
+    log.warning(message, *args)
+
+
+def _clear_warning(key: str) -> None:
+    with _warned_lock:
+        _warned_token_paths.discard(key)
+
+
+def read_token(settings: UpstreamSettings) -> str | None:
+    """The bearer token from ``settings.token_path``, stripped; ``None`` if unset, missing or empty.
+
+    A missing token is not an error: a valid client certificate authenticates on its own. The warning is
+    logged once per path until the token shows up again, so a VM running on its certificate for months does
+    not flood the journal.
+    """
+    path = settings.token_path
+    if path is None:
+        return None
+    key = str(path)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        _warn_once(key, "token file %s does not exist; calling %s without a bearer token", path, settings.address)
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        _warn_once(
+            key,
+            "token file %s is unreadable (%s); calling %s without a bearer token",
+            path,
+            type(exc).__name__,
+            settings.address,
+        )
+        return None
+    if not token:
+        _warn_once(key, "token file %s is empty; calling %s without a bearer token", path, settings.address)
+        return None
+    _clear_warning(key)
+    return token
+
+
+def call_metadata(settings: UpstreamSettings) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for one call: ``authorization`` (if a token exists), ``clusterid``, then the extras."""
+    md: list[tuple[str, str]] = []
+    token = read_token(settings)
+    if token:
+        md.append(("authorization", f"Bearer {token}"))
+    md.append(("clusterid", settings.cluster_id))
+    md.extend((k.lower(), v) for k, v in settings.extra_metadata)
+    return tuple(md)
+
+
+def read_root_certs(settings: UpstreamSettings) -> bytes:
+    """The PEM roots that must have signed istiod's serving certificate; ``UpstreamError`` naming the file."""
+    path = settings.root_cert_path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UpstreamError(
+            f"root certificate file {path} for {settings.address} cannot be read: {exc.strerror or exc}"
+        ) from exc
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise UpstreamError(
+            f"root certificate file {path} for {settings.address} holds no PEM certificate "
+            "(expected one or more '-----BEGIN CERTIFICATE-----' blocks)"
+        )
+    return data
+
+
+def channel_options(settings: UpstreamSettings, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_LENGTH),
+        ("grpc.http2.lookahead_bytes", _WINDOW_BYTES),
+        # A fresh channel must never share a subchannel (and so a TLS session with a stale client certificate)
+        # with an older one.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if not settings.plaintext:
+        opts.append(("grpc.ssl_target_name_override", settings.server_name))
+        opts.append(("grpc.default_authority", settings.server_name))
+    opts.extend(extra)
+    return opts
+
+
+def open_channel(
+    settings: UpstreamSettings,
+    client_cert: ClientCertProvider | None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A fresh grpcio aio channel to ``settings.dial_target``.
+
+    TLS (1.2 or newer, grpc core's floor) verifies istiod against ``root_cert_path`` under
+    ``server_name``; the client certificate is taken from ``client_cert()`` now, so callers open a new
+    channel per connection attempt to pick up a rotated certificate and re-read roots.
+    Raises ``UpstreamError`` when root-cert.pem is unusable.
+    """
+    opts = channel_options(settings, options)
+    if settings.plaintext:
+        return grpc.aio.insecure_channel(settings.dial_target, options=opts)
+    roots = read_root_certs(settings)
+    pair = client_cert() if client_cert is not None else None
+    if pair is not None:
+        key_pem, chain_pem = pair
+        creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key_pem, certificate_chain=chain_pem)
+    else:
+        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.aio.secure_channel(settings.dial_target, creds, options=opts)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    subject: str | None
+    audiences: tuple[str, ...]
+    expires_at: datetime | None
+    issued_at: datetime | None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        if self.expires_at is None:
+            return False
+        return self.expires_at <= (now or datetime.now(UTC))
+
+
+def _b64url(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _timestamp(value: object, claim: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"JWT claim {claim!r} is {type(value).__name__}, expected a number of seconds since 1970")
+    return datetime.fromtimestamp(value, UTC)
+
+
+def describe_token(token: str) -> TokenInfo:
+    """What the token claims (subject, audiences, expiry), decoded WITHOUT verifying its signature.
+
+    Only for operator messages ("token expired at T", "audience is X not istio-ca"); istiod is the one
+    that verifies. ``ValueError`` (never quoting the token) if it is not a JWT.
+    """
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError(f"token is not a JWT: expected 3 dot-separated parts, found {len(parts)}")
+    try:
+        payload = json.loads(_b64url(parts[1]))
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("token is not a JWT: its payload is not base64url-encoded JSON") from exc
+    if not isinstance(payload, dict):
+        raise ValueError("token is not a JWT: its payload is not a JSON object")
+    aud = payload.get("aud")
+    audiences: tuple[str, ...]
+    if aud is None:
+        audiences = ()
+    elif isinstance(aud, str):
+        audiences = (aud,)
+    elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        audiences = tuple(aud)
+    else:
+        raise ValueError("JWT claim 'aud' must be a string or a list of strings")
+    sub = payload.get("sub")
+    return TokenInfo(
+        subject=sub if isinstance(sub, str) else None,
+        audiences=audiences,
+        expires_at=_timestamp(payload.get("exp"), "exp"),
+        issued_at=_timestamp(payload.get("iat"), "iat"),
+    )
