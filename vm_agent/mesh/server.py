@@ -1,0 +1,267 @@
+"""The local mesh control plane: one TLS port (client certificate optional, like istiod's
+VerifyClientCertIfGiven) serving the CA and ADS, an optional plaintext port, the admin API, the
+manifests folder watcher and the WorkloadEntry cleanup loop, all in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
+from prometheus_client import Counter
+
+from vm_agent.logs import get_logger
+from vm_agent.mesh.auth import Authenticator, AuthError, Caller
+from vm_agent.mesh.ca import CAError, MeshCA, resolve_ttl
+from vm_agent.mesh.settings import ISTIOD_HOST, MeshSettings, split_host_port
+from vm_agent.mesh.store import Key, ObjectStore, parse_yaml
+from vm_agent.mesh.tokens import ServiceAccountIssuer
+from vm_agent.metrics import REGISTRY
+from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, ca_pb2
+
+log = get_logger("mesh")
+
+CERTS_ISSUED = Counter(
+    "vm_agent_mesh_certificates_issued_total", "Workload certificates signed by the local mesh CA", registry=REGISTRY
+)
+CA_REJECTED = Counter(
+    "vm_agent_mesh_certificate_requests_rejected_total",
+    "CreateCertificate calls refused by the local mesh, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+# istiod's serving certificate names besides the configured discovery host (server.go).
+_ISTIOD_NAMES = ("istiod.istio-system.svc", "istiod-remote.istio-system.svc", "istio-pilot.istio-system.svc")
+
+
+def bind_socket(address: str, what: str) -> socket.socket:
+    host, port = split_host_port(address, what)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"{what}: cannot listen on {address}: {e}") from e
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_cert(stream: Stream[Any, Any]) -> dict[str, Any] | None:
+    if stream.peer is None:
+        return None
+    return stream.peer.cert()
+
+
+def is_tls(stream: Stream[Any, Any]) -> bool:
+    return stream.peer is not None and stream.peer._transport.get_extra_info("ssl_object") is not None
+
+
+class CertificateService:
+    """istio.v1.auth.IstioCertificateService, faithful to istiod's CA server."""
+
+    def __init__(self, mesh: MeshServer) -> None:
+        self._mesh = mesh
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            CA_CREATE_CERTIFICATE_PATH: Handler(
+                self.create_certificate,
+                Cardinality.UNARY_UNARY,
+                ca_pb2.IstioCertificateRequest,
+                ca_pb2.IstioCertificateResponse,
+            )
+        }
+
+    async def create_certificate(
+        self, stream: Stream[ca_pb2.IstioCertificateRequest, ca_pb2.IstioCertificateResponse]
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        settings = self._mesh.settings
+        try:
+            caller = self._mesh.authenticate(stream)
+        except AuthError as e:
+            CA_REJECTED.labels("unauthenticated").inc()
+            log.warning("CreateCertificate from %s refused: %s", stream.peer.addr() if stream.peer else "?", e)
+            raise GRPCError(Status.UNAUTHENTICATED, "request authenticate failure") from e
+        if caller is None:
+            # Plaintext: istiod's authenticators need TLS, so the CA never answers here.
+            CA_REJECTED.labels("unauthenticated").inc()
+            raise GRPCError(Status.UNAUTHENTICATED, "request authenticate failure")
+        identity = caller.identities[0]
+        try:
+            ttl = resolve_ttl(request.validity_duration, settings.default_cert_ttl_s, settings.max_cert_ttl_s)
+            chain = self._mesh.ca.sign_csr(request.csr, identity, ttl)
+        except CAError as e:
+            CA_REJECTED.labels(e.kind).inc()
+            log.warning("CreateCertificate for %s refused: %s", identity, e)
+            raise GRPCError(Status.INVALID_ARGUMENT, f"CSR signing error ({e})") from e
+        CERTS_ISSUED.inc()
+        log.info("issued certificate for %s (ttl %ss, authenticated by %s)", identity, ttl, caller.via)
+        self._mesh.record_certificate(identity.uri, ttl)
+        await stream.send_message(ca_pb2.IstioCertificateResponse(cert_chain=chain))
+
+
+class MeshServer:
+    """A control plane that behaves like istiod towards a VM (it never claims to be istiod)."""
+
+    def __init__(self, settings: MeshSettings) -> None:
+        self.settings = settings
+        self.ready = asyncio.Event()
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ca = MeshCA(settings.state_dir / "ca", settings.trust_domain)
+        self.issuer = ServiceAccountIssuer(settings.state_dir)
+        self.store = ObjectStore()
+        self.authenticator = Authenticator(
+            self.issuer,
+            trust_domain=settings.trust_domain,
+            cluster_id=settings.cluster_id,
+            audiences=settings.token_audiences,
+            service_account_exists=self.store.service_account_exists,
+        )
+        self._xds_address: str | None = None
+        self._plaintext_address: str | None = None
+        self._admin_url: str | None = None
+        self._issued: dict[str, int] = {}
+        self._services: list[Any] = [CertificateService(self)]
+
+    # -- addresses (valid once ``ready`` is set) --------------------------------------------------
+    @property
+    def xds_address(self) -> str:
+        if self._xds_address is None:
+            raise RuntimeError("mesh server is not listening yet (await ready)")
+        return self._xds_address
+
+    @property
+    def plaintext_address(self) -> str | None:
+        return self._plaintext_address
+
+    @property
+    def admin_url(self) -> str:
+        if self._admin_url is None:
+            raise RuntimeError("mesh admin API is not listening yet (await ready)")
+        return self._admin_url
+
+    @property
+    def root_cert_pem(self) -> bytes:
+        return self.ca.root_cert_pem
+
+    # -- operations used by tests, the admin API and the CLI ----------------------------------------
+    def mint_token(
+        self,
+        namespace: str,
+        service_account: str,
+        audiences: tuple[str, ...] = ("istio-ca",),
+        ttl_seconds: int = 3600,
+        not_before: int | None = None,
+    ) -> str:
+        return self.issuer.mint(namespace, service_account, audiences, ttl_seconds, not_before)
+
+    def apply_yaml(self, text: str, source: str = "api") -> list[Key]:
+        """Validate all documents first (ManifestError names file/object/field), then apply them."""
+        return self.store.apply(parse_yaml(text, source))
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        return self.store.delete(kind, namespace, name)
+
+    def workload_entries(self) -> list[dict[str, Any]]:
+        return self.store.select("WorkloadEntry")
+
+    def authenticate(self, stream: Stream[Any, Any]) -> Caller | None:
+        """The caller's identities; None on a plaintext connection (istiod does not authenticate those)."""
+        if not is_tls(stream):
+            return None
+        return self.authenticator.authenticate(peer_cert(stream), _metadata(stream))
+
+    def record_certificate(self, identity: str, ttl_s: int) -> None:
+        self._issued[identity] = self._issued.get(identity, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "xds_address": self._xds_address,
+            "plaintext_address": self._plaintext_address,
+            "admin_url": self._admin_url,
+            "trust_domain": self.settings.trust_domain,
+            "cluster_id": self.settings.cluster_id,
+            "store_version": self.store.version,
+            "certificates_issued": dict(self._issued),
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _ssl_context(self) -> ssl.SSLContext:
+        names = tuple(dict.fromkeys((*self.settings.server_names, ISTIOD_HOST, *_ISTIOD_NAMES)))
+        key_path, chain_path = self.ca.write_serving_files(names, self.settings.server_ips)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(chain_path), str(key_path))
+        # Verify a client certificate when one is offered, accept a token otherwise (istiod's
+        # VerifyClientCertIfGiven); grpcio's server credentials cannot express this, grpclib can.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=self.ca.root_cert_pem.decode())
+        ctx.set_alpn_protocols(["h2"])
+        return ctx
+
+    async def run(self) -> None:
+        servers: list[Server] = []
+        socks: list[socket.socket] = []
+        try:
+            tls_sock = bind_socket(self.settings.listen, "listen")
+            socks.append(tls_sock)
+            tls = Server(self._services)
+            await tls.start(sock=tls_sock, ssl=self._ssl_context())
+            servers.append(tls)
+            self._xds_address = _address(tls_sock)
+            if self.settings.plaintext_listen:
+                plain_sock = bind_socket(self.settings.plaintext_listen, "plaintext_listen")
+                socks.append(plain_sock)
+                plain = Server(self._services)
+                await plain.start(sock=plain_sock)
+                servers.append(plain)
+                self._plaintext_address = _address(plain_sock)
+            async with asyncio.TaskGroup() as tg:
+                for coro in self._background():
+                    tg.create_task(coro)
+                self.ready.set()
+                log.info("local mesh serving on %s (TLS)", self._xds_address)
+                await asyncio.Event().wait()
+        finally:
+            self.ready.clear()
+            for server in servers:
+                server.close()
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 5)
+            for s in socks:
+                s.close()
+
+    def _background(self) -> Iterator[Any]:
+        """Long-running companions started with the gRPC servers (filled in by later stages)."""
+        return iter(())
+
+
+def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in (stream.metadata or {}).items():
+        if isinstance(v, str):
+            out.setdefault(k.lower(), v)
+    return out
+
+
+def default_settings(state_dir: Path, **overrides: Any) -> MeshSettings:
+    return MeshSettings(state_dir=state_dir, **overrides)

@@ -1,0 +1,47 @@
+"""Settings of the built-in local mesh (the composition root maps CLI flags onto these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The name istioctl writes into the VM's hosts file and that agents dial; the serving certificate must
+# always carry it, whatever else is configured.
+ISTIOD_HOST = "istiod.istio-system.svc"
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    state_dir: Path
+    manifests_dir: Path | None = None
+    listen: str = "127.0.0.1:15012"
+    plaintext_listen: str | None = None
+    admin_listen: str = "127.0.0.1:15014"
+    server_names: tuple[str, ...] = (ISTIOD_HOST,)
+    server_ips: tuple[str, ...] = ("127.0.0.1",)
+    trust_domain: str = "cluster.local"
+    cluster_id: str = "Kubernetes"
+    default_cert_ttl_s: int = 86400
+    max_cert_ttl_s: int = 90 * 86400
+    grace_period_s: float = 10.0
+    # Audiences a bearer token must carry one of (istiod: TOKEN_AUDIENCES).
+    token_audiences: tuple[str, ...] = ("istio-ca",)
+    # Name written to istio.io/workloadController; istiod uses its pod name.
+    controller_name: str = "vm-agent-mesh"
+    # istiod auto-allocates VIPs for address-less ServiceEntries (PILOT_ENABLE_IP_AUTOALLOCATE).
+    auto_allocate_vips: bool = True
+    # How often the manifests folder is checked for changes.
+    manifests_poll_s: float = 0.2
+
+
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """``"127.0.0.1:15012"`` / ``"[::1]:15012"`` → (host, port); a clear error otherwise."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{what}: expected HOST:PORT, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what}: port {port} out of range 0..65535")
+    return host, port
