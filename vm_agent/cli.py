@@ -1,0 +1,192 @@
+"""Command line: argument parsing and sub-commands only; the work happens in the packages."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vm_agent import ISTIO_COMPAT_VERSION, __version__, logs
+from vm_agent.config import Config, Options, load
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_PROBLEMS = 2
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--root", type=Path, default=Path("/"), help="prefix for every default path (tests, chroots); default /"
+    )
+    where.add_argument(
+        "--config-dir",
+        type=Path,
+        help="folder holding istioctl's five files (cluster.env, mesh.yaml, hosts, root-cert.pem, istio-token)",
+    )
+    p.add_argument("--state-dir", type=Path, help="where the agent keeps its key and certificates")
+    p.add_argument("--resolv-conf", type=Path, help="the resolv.conf whose nameservers DNS forwards to")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one environment/cluster.env variable (repeatable)",
+    )
+
+
+def _options(ns: argparse.Namespace) -> Options:
+    extra: dict[str, str] = {}
+    for item in ns.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        extra[key] = value
+    root: Path = ns.root if getattr(ns, "config_dir", None) is None else Path("/")
+    return Options(
+        root=root,
+        config_dir=ns.config_dir,
+        state_dir=ns.state_dir,
+        resolv_conf=ns.resolv_conf,
+        extra_env=extra,
+    )
+
+
+def _print_summary(config: Config) -> None:
+    doc = config.to_json()
+    rows = [
+        ("node id", doc["node_id"]),
+        ("identity", doc["spiffe_id"]),
+        ("cluster id", doc["cluster_id"] or "(empty: istiod's own cluster)"),
+        ("discovery", f"{doc['discovery_address']} via {doc['discovery_dial_target']}"),
+        ("CA", f"{doc['ca_address']} via {doc['ca_dial_target']}"),
+        ("instance IPs", ", ".join(doc["instance_ips"])),
+        ("auto-register", doc["auto_register_group"] or "(no: bound to a pre-created WorkloadEntry or none)"),
+        ("DNS capture", "on" if doc["dns_capture"] else "off"),
+        ("readiness probe", json.dumps(doc["readiness_probe"]) if doc["readiness_probe"] else "(none)"),
+        ("state folder", doc["paths"]["state_dir"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    config = load(_options(ns))
+    if ns.json:
+        print(json.dumps(config.to_json(), indent=2, sort_keys=False))
+    else:
+        _print_summary(config)
+        if config.problems:
+            print(f"\n{len(config.problems)} problem(s):")
+            for problem in config.problems:
+                print(f"  {problem}")
+        else:
+            print("\nno problems")
+    return EXIT_PROBLEMS if config.problems else EXIT_OK
+
+
+def cmd_version(ns: argparse.Namespace) -> int:
+    if ns.json:
+        print(json.dumps({"version": __version__, "istio_compat": ISTIO_COMPAT_VERSION}))
+    else:
+        print(f"vm-agent {__version__} (speaks Istio {ISTIO_COMPAT_VERSION} agent protocols)")
+    return EXIT_OK
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from vm_agent.agent import run_agent
+
+    config = load(_options(ns))
+    return run_agent(config)
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from vm_agent.status import status_command
+
+    return int(status_command(ns.url, ns.json))
+
+
+def cmd_netfilter(ns: argparse.Namespace) -> int:
+    from vm_agent.agent import capture_settings
+    from vm_agent.netfilter import run_command
+
+    config = load(_options(ns))
+    blocking = [p for p in config.problems if p.file in (str(config.paths.cluster_env), "environment", "--set")]
+    if blocking and ns.action == "apply":
+        for p in blocking:
+            print(p, file=sys.stderr)
+        return EXIT_PROBLEMS
+    return int(run_command(ns.action, capture_settings(config), backend=ns.backend, dry_run=ns.dry_run))
+
+
+def cmd_mesh(ns: argparse.Namespace) -> int:
+    from vm_agent.mesh import cli as mesh_cli
+
+    handler: Any = getattr(mesh_cli, f"cmd_{ns.mesh_command.replace('-', '_')}")
+    result = handler(ns)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    return int(result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vm-agent", description="Joins this VM to an Istio service mesh (a drop-in for istio-sidecar)."
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="read the configuration, print it and every problem (exit 2 on problems)")
+    _add_config_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("version", help="print the version")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="summarise a running agent (identity, Envoy, xDS, health, DNS)")
+    p.add_argument("--url", default="http://127.0.0.1:15020", help="the agent's status server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("netfilter", help="traffic and DNS capture rules")
+    p.add_argument("action", choices=("apply", "cleanup", "show"))
+    p.add_argument("--dry-run", action="store_true", help="print what would be applied or removed")
+    p.add_argument("--backend", choices=("auto", "iptables", "nft"), default="auto")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_netfilter)
+
+    p = sub.add_parser("mesh", help="the built-in local mesh (an istiod stand-in for first runs and tests)")
+    try:
+        from vm_agent.mesh import cli as mesh_cli
+    except ImportError:  # pragma: no cover - the mesh is part of the package; this guards partial installs
+        mesh_cli = None
+    if mesh_cli is not None:
+        mesh_cli.add_arguments(p)
+    p.set_defaults(func=cmd_mesh)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logs.setup(ns.log_level, ns.log_format)
+    try:
+        return int(ns.func(ns))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
