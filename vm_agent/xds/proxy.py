@@ -1,0 +1,562 @@
+"""The ADS proxy between Envoy (UDS, plaintext) and istiod (TLS): istio-agent.md §5.
+
+Each downstream stream Envoy opens gets its own fresh upstream channel and stream of the same flavour
+(SotW ↔ SotW, Delta ↔ Delta). Envoy's messages travel as bytes in both directions; the proxy only peeks
+at a few top-level fields (``wire``) to find the type of a response and Envoy's first LDS request.
+
+Flow control: each direction is its own task, so a slow reader on one side never stops the other side
+from draining (no send/recv deadlock). Downstream requests take a credit before they are read, and the
+credit comes back once the request is written upstream, so at most ``_REQUEST_CREDITS`` of Envoy's
+requests are held in memory. Responses are read one at a time and written to Envoy before the next is
+read, so memory holds one response plus what gRPC's flow-control windows allow. The agent's own
+requests (NDS subscription, ACK/NACK, health) never wait for a credit: they are few and small, and
+making them wait could block the response loop on the request loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge
+
+from vm_agent.health.event import HealthEvent
+from vm_agent.logs import get_logger
+from vm_agent.metrics import REGISTRY
+from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
+from vm_agent.upstream import ClientCertProvider, UpstreamError, UpstreamSettings, call_metadata, open_channel
+from vm_agent.xds.wire import INTERNAL, Flavour, WireError, build_request, peek_request, peek_response
+
+log = get_logger("xds")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+_METHODS = {Flavour.SOTW: "StreamAggregatedResources", Flavour.DELTA: "DeltaAggregatedResources"}
+LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
+WORKLOAD_TYPE_URL = "type.googleapis.com/istio.workload.Workload"
+
+_REQUEST_CREDITS = 16
+SOCKET_MODE = 0o660
+"""Istio uses 0666; only Envoy (same user or group) has any business on this socket."""
+
+NameTableHandler = Callable[[nds_pb2.NameTable], Awaitable[None]]
+
+_STREAMS = Counter("vm_agent_xds_streams", "ADS streams Envoy opened, by flavour", ["flavour"], registry=REGISTRY)
+_ACTIVE = Gauge("vm_agent_xds_active_streams", "ADS streams currently proxied", registry=REGISTRY)
+_UPSTREAM_UP = Gauge(
+    "vm_agent_xds_upstream_connected",
+    "1 while an upstream stream to the discovery server has delivered a response and not ended",
+    registry=REGISTRY,
+)
+_DISCONNECTS = Counter(
+    "vm_agent_xds_disconnects",
+    "Proxied streams that ended, by who ended them and how (graceful, expected, unexpected)",
+    ["side", "reason"],
+    registry=REGISTRY,
+)
+_RESPONSES = Counter(
+    "vm_agent_xds_responses",
+    "Responses from the discovery server, by type and what the proxy did (forwarded, consumed, dropped)",
+    ["type_url", "action"],
+    registry=REGISTRY,
+)
+_RESPONSE_BYTES = Counter(
+    "vm_agent_xds_response_bytes", "Bytes of responses received from the discovery server", registry=REGISTRY
+)
+_ACKS = Counter(
+    "vm_agent_xds_acks",
+    "ACKs and NACKs sent upstream, by type, result and sender (envoy or agent)",
+    ["type_url", "result", "sender"],
+    registry=REGISTRY,
+)
+_LAST_RESPONSE = Gauge(
+    "vm_agent_xds_last_response_timestamp_seconds",
+    "Unix time of the last response of each type",
+    ["type_url"],
+    registry=REGISTRY,
+)
+_HEALTH_SENT = Counter(
+    "vm_agent_xds_health_reports_sent",
+    "HealthInformation requests sent upstream, by reason (event, replay, heartbeat)",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+@dataclass(frozen=True)
+class XdsSettings:
+    socket_path: Path
+    upstream: UpstreamSettings
+    dns_enabled: bool
+    """Subscribe to the NameTable after Envoy's first LDS request."""
+    health_heartbeat_s: float = 60.0
+    max_downstream_message_bytes: int = 4 * 1024 * 1024
+
+
+def forwardable(type_url: str) -> bool:
+    """Whether a response of this type may reach Envoy (§5.4): Envoy's own types and ztunnel's Workload."""
+    return type_url.startswith("type.googleapis.com/envoy.") or type_url == WORKLOAD_TYPE_URL
+
+
+def classify(code: grpc.StatusCode) -> str:
+    """How worrying an upstream end is. grpcio's texts differ from grpc-go's, so only the code is used."""
+    if code is grpc.StatusCode.OK:
+        return "graceful"
+    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        return "expected"
+    return "unexpected"
+
+
+@dataclass
+class _TypeState:
+    responses: int = 0
+    forwarded: int = 0
+    consumed: int = 0
+    dropped: int = 0
+    last_response_at: float | None = None
+    last_nonce: str = ""
+    last_version: str = ""
+    acks: int = 0
+    nacks: int = 0
+    last_ack_at: float | None = None
+    last_nack_at: float | None = None
+    last_nack_message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _End:
+    side: str
+    code: grpc.StatusCode
+    details: str
+
+
+@dataclass
+class _Stream:
+    """One downstream stream and the state it shares with its upstream twin."""
+
+    id: int
+    flavour: Flavour
+    opened_at: float
+    outbox: asyncio.Queue[tuple[bytes, bool]] = field(default_factory=asyncio.Queue)
+    credits: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(_REQUEST_CREDITS))
+    initial_sent: bool = False
+    upstream_state: str = "connecting"
+    requests: int = 0
+    responses: int = 0
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end: _End | None = None
+    channel: grpc.aio.Channel | None = None
+
+    def finish(self, side: str, code: grpc.StatusCode, details: str) -> None:
+        # The first cause wins: once one side ended, the other side's errors are consequences.
+        if self.end is None:
+            self.end = _End(side, code, details)
+        self.ended.set()
+
+    def send_control(self, message: bytes) -> None:
+        self.outbox.put_nowait((message, False))
+
+    def as_dict(self) -> dict[str, Any]:
+        state = self.upstream_state
+        if self.channel is not None and state != "ended":
+            with contextlib.suppress(Exception):
+                state = f"{state} (channel {self.channel.get_state(try_to_connect=False).name.lower()})"
+        return {
+            "id": self.id,
+            "flavour": self.flavour.value,
+            "opened_at": self.opened_at,
+            "initial_requests_sent": self.initial_sent,
+            "upstream": state,
+            "requests": self.requests,
+            "responses": self.responses,
+        }
+
+
+class Proxy:
+    """Serves ADS to Envoy on ``settings.socket_path`` and relays it to the discovery server."""
+
+    def __init__(
+        self,
+        settings: XdsSettings,
+        *,
+        client_cert: ClientCertProvider | None,
+        on_name_table: NameTableHandler | None,
+    ) -> None:
+        self._settings = settings
+        self._client_cert = client_cert
+        self._on_name_table = on_name_table
+        self.ready = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._streams: dict[int, _Stream] = {}
+        self._registered: _Stream | None = None
+        self._types: dict[str, _TypeState] = {}
+        self._health: HealthEvent | None = None
+        self._health_reported_at: float | None = None
+        self._health_sent_at: float | None = None
+        self._health_sent: HealthEvent | None = None
+        self._streams_total = 0
+        self._last_disconnect: dict[str, Any] | None = None
+        self._last_connected_at: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        path = self._settings.socket_path
+        _prepare_socket_path(path)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self._settings.max_downstream_message_bytes),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_concurrent_streams", 100_000),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
+            ]
+        )
+        handlers = {
+            method: grpc.stream_stream_rpc_method_handler(self._behaviour(flavour))
+            for flavour, method in _METHODS.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
+        if not server.add_insecure_port(f"unix:{path}"):
+            raise OSError(f"xDS proxy: cannot listen on unix socket {path}")
+        try:
+            await server.start()
+            os.chmod(path, SOCKET_MODE)
+            log.info("xDS proxy listening on %s, upstream %s", path, self._settings.upstream.address)
+            self.ready.set()
+            await asyncio.Event().wait()
+        finally:
+            self.ready.clear()
+            await asyncio.shield(server.stop(None))
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def report_health(self, event: HealthEvent) -> None:
+        """Keep ``event`` for replay and send it now on the registered stream if that is past its LDS."""
+        self._health = event
+        self._health_reported_at = time.time()
+        stream = self._registered
+        if stream is not None and stream.initial_sent and not stream.ended.is_set():
+            self._send_health(stream, "event")
+
+    def snapshot(self) -> dict[str, Any]:
+        live = [s for s in self._streams.values() if s.upstream_state == "streaming"]
+        if live:
+            upstream = "connected"
+        elif self._streams:
+            upstream = "connecting"
+        else:
+            upstream = "idle"
+        health = self._health
+        return {
+            "socket": str(self._settings.socket_path),
+            "ready": self.ready.is_set(),
+            "upstream": {
+                "address": self._settings.upstream.address,
+                "state": upstream,
+                "last_connected_at": self._last_connected_at,
+                "last_disconnect": self._last_disconnect,
+            },
+            "streams": {
+                "total": self._streams_total,
+                "active": [s.as_dict() for s in self._streams.values()],
+            },
+            "types": {url: st.as_dict() for url, st in sorted(self._types.items())},
+            "health": {
+                "latest": None if health is None else {"healthy": health.healthy, "message": health.message},
+                "reported_at": self._health_reported_at,
+                "last_sent": None
+                if self._health_sent is None
+                else {"healthy": self._health_sent.healthy, "message": self._health_sent.message},
+                "last_sent_at": self._health_sent_at,
+                "heartbeat_s": self._settings.health_heartbeat_s,
+            },
+        }
+
+    # ------------------------------------------------------------------ one stream
+
+    def _behaviour(self, flavour: Flavour) -> Callable[[Any, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[None]]:
+        async def behaviour(_requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+            await self._serve_stream(flavour, context)
+
+        return behaviour
+
+    async def _serve_stream(self, flavour: Flavour, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        stream = _Stream(id=next(self._ids), flavour=flavour, opened_at=time.time())
+        self._streams_total += 1
+        _STREAMS.labels(flavour.value).inc()
+        previous, self._registered = self._registered, stream
+        if previous is not None and not previous.ended.is_set():
+            log.info("stream %d replaces stream %d; closing the older one", stream.id, previous.id)
+            previous.finish("agent", grpc.StatusCode.UNAVAILABLE, "replaced by a newer xDS stream")
+        self._streams[stream.id] = stream
+        _ACTIVE.inc()
+        log.info("Envoy opened %s stream %d", flavour.value, stream.id)
+        call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
+        try:
+            try:
+                stream.channel = open_channel(self._settings.upstream, self._client_cert)
+            except UpstreamError as exc:
+                stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, str(exc))
+            else:
+                multicallable = stream.channel.stream_stream(
+                    f"/{ADS_SERVICE}/{_METHODS[flavour]}", request_serializer=None, response_deserializer=None
+                )
+                call = multicallable(metadata=call_metadata(self._settings.upstream))
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(self._pump_requests(stream, context)),
+                        tg.create_task(self._write_upstream(stream, call)),
+                        tg.create_task(self._pump_responses(stream, call, context)),
+                        tg.create_task(self._heartbeat(stream)),
+                    ]
+                    await stream.ended.wait()
+                    for task in tasks:
+                        task.cancel()
+            end = stream.end or _End("downstream", grpc.StatusCode.OK, "")
+            self._record_end(stream, end)
+            if end.code is not grpc.StatusCode.OK:
+                context.set_code(end.code)
+                context.set_details(end.details)
+        except asyncio.CancelledError:
+            # Envoy cancelled the RPC (or the server is stopping): gRPC cancels this handler.
+            stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
+            self._record_end(stream, stream.end or _End("downstream", grpc.StatusCode.CANCELLED, ""))
+            raise
+        finally:
+            stream.ended.set()
+            if stream.upstream_state == "streaming":
+                _UPSTREAM_UP.dec()
+            stream.upstream_state = "ended"
+            if call is not None:
+                call.cancel()
+            if stream.channel is not None:
+                await asyncio.shield(stream.channel.close())
+            self._streams.pop(stream.id, None)
+            if self._registered is stream:
+                self._registered = None
+            _ACTIVE.dec()
+
+    def _record_end(self, stream: _Stream, end: _End) -> None:
+        reason = classify(end.code)
+        _DISCONNECTS.labels(end.side, reason).inc()
+        self._last_disconnect = {
+            "at": time.time(),
+            "stream": stream.id,
+            "side": end.side,
+            "code": end.code.name,
+            "details": end.details,
+            "reason": reason,
+        }
+        if end.side == "upstream" and reason == "unexpected":
+            log.warning(
+                "upstream %s ended stream %d: %s %s",
+                self._settings.upstream.address,
+                stream.id,
+                end.code.name,
+                end.details,
+            )
+        else:
+            log.info("stream %d ended by %s: %s %s", stream.id, end.side, end.code.name, end.details)
+
+    async def _pump_requests(self, stream: _Stream, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        """Envoy → outbox, in order; injects NDS and the cached health report after the first LDS."""
+        while True:
+            await stream.credits.acquire()
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                stream.finish("downstream", grpc.StatusCode.OK, "Envoy closed the stream")
+                return
+            assert isinstance(message, bytes)
+            try:
+                head = peek_request(message, stream.flavour)
+            except WireError as exc:
+                stream.finish("downstream", grpc.StatusCode.INVALID_ARGUMENT, f"malformed request from Envoy: {exc}")
+                return
+            stream.requests += 1
+            if head.response_nonce:
+                self._record_ack(head.type_url, head.error_message, "envoy")
+            stream.outbox.put_nowait((message, True))
+            if not stream.initial_sent and head.type_url == LISTENER_TYPE_URL:
+                if self._settings.dns_enabled:
+                    stream.send_control(build_request(stream.flavour, NAME_TABLE_TYPE_URL))
+                stream.initial_sent = True
+                if self._health is not None and self._registered is stream:
+                    self._send_health(stream, "replay")
+
+    async def _write_upstream(self, stream: _Stream, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+        while True:
+            message, from_envoy = await stream.outbox.get()
+            try:
+                await call.write(message)
+            except grpc.aio.AioRpcError as exc:
+                stream.finish("upstream", exc.code(), exc.details() or "")
+                return
+            except asyncio.InvalidStateError:
+                # The call already finished; the response pump reports its status.
+                await stream.ended.wait()
+                return
+            if from_envoy:
+                stream.credits.release()
+
+    async def _pump_responses(
+        self,
+        stream: _Stream,
+        call: grpc.aio.StreamStreamCall[bytes, bytes],
+        context: grpc.aio.ServicerContext[bytes, bytes],
+    ) -> None:
+        while True:
+            try:
+                message = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                stream.finish("upstream", exc.code(), exc.details() or "")
+                return
+            if message is grpc.aio.EOF:
+                stream.finish("upstream", grpc.StatusCode.OK, "upstream closed the stream")
+                return
+            assert isinstance(message, bytes)
+            if stream.upstream_state != "streaming":
+                stream.upstream_state = "streaming"
+                self._last_connected_at = time.time()
+                _UPSTREAM_UP.inc()
+            try:
+                head = peek_response(message)
+            except WireError as exc:
+                stream.finish("upstream", grpc.StatusCode.INTERNAL, f"malformed response from upstream: {exc}")
+                return
+            stream.responses += 1
+            _RESPONSE_BYTES.inc(len(message))
+            state = self._types.setdefault(head.type_url, _TypeState())
+            now = time.time()
+            state.responses += 1
+            state.last_response_at = now
+            state.last_nonce = head.nonce
+            state.last_version = head.version
+            _LAST_RESPONSE.labels(head.type_url).set(now)
+            if head.type_url == NAME_TABLE_TYPE_URL and self._settings.dns_enabled:
+                state.consumed += 1
+                _RESPONSES.labels(head.type_url, "consumed").inc()
+                await self._consume_name_table(stream, message, head.version, head.nonce)
+            elif forwardable(head.type_url):
+                state.forwarded += 1
+                _RESPONSES.labels(head.type_url, "forwarded").inc()
+                try:
+                    await context.write(message)
+                except Exception as exc:  # the downstream went away under us; its handler is ending too
+                    log.error("stream %d: dropping %s response, Envoy is gone (%s)", stream.id, head.type_url, exc)
+                    stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy went away")
+                    return
+            else:
+                state.dropped += 1
+                _RESPONSES.labels(head.type_url, "dropped").inc()
+                log.error("stream %d: dropping response of type %r: not an Envoy type", stream.id, head.type_url)
+
+    async def _consume_name_table(self, stream: _Stream, message: bytes, version: str, nonce: str) -> None:
+        """Apply a NameTable response and ACK/NACK it upstream (§5.4); an empty one is ignored unACKed."""
+        error: str | None = None
+        try:
+            payload = _first_resource(message, stream.flavour)
+        except DecodeError as exc:
+            payload = None
+            error = f"cannot decode NameTable response: {exc}"
+        if payload is None and error is None:
+            log.debug("stream %d: empty NameTable response, not ACKed", stream.id)
+            return
+        if payload is not None:
+            type_url, value = payload
+            table = nds_pb2.NameTable()
+            try:
+                if type_url != NAME_TABLE_TYPE_URL:
+                    raise ValueError(f"NameTable response holds a {type_url!r} resource")
+                table.ParseFromString(value)
+                if self._on_name_table is not None:
+                    await self._on_name_table(table)
+            except (ValueError, DecodeError) as exc:
+                error = str(exc) or type(exc).__name__
+        if error is not None:
+            log.warning("stream %d: NACK NameTable nonce %s: %s", stream.id, nonce, error)
+        stream.send_control(
+            build_request(
+                stream.flavour,
+                NAME_TABLE_TYPE_URL,
+                version_info=version,
+                response_nonce=nonce,
+                error=None if error is None else (INTERNAL, error),
+            )
+        )
+        self._record_ack(NAME_TABLE_TYPE_URL, error, "agent")
+
+    def _record_ack(self, type_url: str, error: str | None, sender: str) -> None:
+        state = self._types.setdefault(type_url, _TypeState())
+        now = time.time()
+        if error is None:
+            state.acks += 1
+            state.last_ack_at = now
+            _ACKS.labels(type_url, "ack", sender).inc()
+        else:
+            state.nacks += 1
+            state.last_nack_at = now
+            state.last_nack_message = error
+            _ACKS.labels(type_url, "nack", sender).inc()
+
+    async def _heartbeat(self, stream: _Stream) -> None:
+        """Re-send the latest health report so a lost or ignored one heals (product decision 3)."""
+        period = self._settings.health_heartbeat_s
+        if period <= 0:
+            return
+        while True:
+            await asyncio.sleep(period)
+            if stream.initial_sent and self._health is not None and self._registered is stream:
+                self._send_health(stream, "heartbeat")
+
+    def _send_health(self, stream: _Stream, reason: str) -> None:
+        event = self._health
+        if event is None:
+            return
+        error = None if event.healthy else (INTERNAL, event.message)
+        stream.send_control(build_request(stream.flavour, HEALTH_INFO_TYPE_URL, error=error))
+        self._health_sent = event
+        self._health_sent_at = time.time()
+        _HEALTH_SENT.labels(reason).inc()
+
+
+def _first_resource(message: bytes, flavour: Flavour) -> tuple[str, bytes] | None:
+    """(type_url, value) of the first resource of a response, or ``None`` when it has none."""
+    if flavour is Flavour.SOTW:
+        sotw = discovery_pb2.DiscoveryResponse.FromString(message)
+        if not sotw.resources:
+            return None
+        first = sotw.resources[0]
+    else:
+        delta = discovery_pb2.DeltaDiscoveryResponse.FromString(message)
+        if not delta.resources:
+            return None
+        first = delta.resources[0].resource
+    return str(first.type_url), bytes(first.value)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Create the parent folder (0750) and remove a stale socket; refuse to delete anything else."""
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"xDS socket path {path} exists and is not a socket; remove it or choose another path")
+    path.unlink()
