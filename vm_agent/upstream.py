@@ -8,9 +8,12 @@ as the TLS client certificate, which is what keeps a VM renewable after its boot
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -236,3 +239,63 @@ def describe_token(token: str) -> TokenInfo:
         expires_at=_timestamp(payload.get("exp"), "exp"),
         issued_at=_timestamp(payload.get("iat"), "iat"),
     )
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH / X509_V_ERR_IP_ADDRESS_MISMATCH: the name, not the signer, is wrong.
+_NAME_MISMATCH_CODES = {62, 64}
+
+
+async def diagnose_connection(settings: UpstreamSettings, connect_timeout: float = 5.0) -> str | None:
+    """Why istiod cannot be reached, in operator terms; ``None`` when TCP and TLS both succeed.
+
+    gRPC folds every connection problem into UNAVAILABLE; a plain TCP connect and TLS handshake with the
+    same roots and name tell "unreachable" apart from "not signed by root-cert.pem" and "wrong name".
+    """
+    host, _, port_text = settings.dial_target.rpartition(":")
+    host = host.strip("[]")
+    where = (
+        f"{settings.address} ({settings.dial_target})" if settings.address != settings.dial_target else settings.address
+    )
+    try:
+        port = int(port_text)
+    except ValueError:
+        return f"CA/istiod address {settings.dial_target!r} has no numeric port (expected host:port)"
+    ctx: ssl.SSLContext | None = None
+    if not settings.plaintext:
+        try:
+            roots = read_root_certs(settings)
+        except UpstreamError as exc:
+            return str(exc)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["h2"])
+        try:
+            ctx.load_verify_locations(cadata=roots.decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            return f"root certificate file {settings.root_cert_path} does not load: {exc.reason or exc}"
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=settings.server_name if ctx else None),
+            connect_timeout,
+        )
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in _NAME_MISMATCH_CODES:
+            return (
+                f"istiod certificate at {where} is not valid for the name {settings.server_name!r} "
+                f"({exc.verify_message}); check the host in the CA/discovery address or ISTIOD_SAN"
+            )
+        return (
+            f"istiod certificate at {where} is not signed by {settings.root_cert_path} ({exc.verify_message}); "
+            "root-cert.pem does not belong to this mesh"
+        )
+    except ssl.SSLError as exc:
+        return f"TLS handshake with {where} failed: {exc.reason or exc}"
+    except TimeoutError:
+        return f"CA unreachable at {where}: no answer within {connect_timeout:g}s"
+    except OSError as exc:
+        return f"CA unreachable at {where}: {exc.strerror or exc}"
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    del reader
+    return None

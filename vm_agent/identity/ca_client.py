@@ -1,0 +1,158 @@
+"""Client for istiod's ``IstioCertificateService.CreateCertificate`` (istio-agent.md §4.4).
+
+Each attempt dials a fresh channel, so a rotated client certificate, a new token and new roots are
+always used. Failures come back as ``CaError`` with a short ``reason`` (a metric label) and a message an
+operator can act on: which file, which address, what the token says about itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import grpc
+import grpc.aio
+from google.protobuf import struct_pb2
+
+from vm_agent.logs import get_logger
+from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, ca_pb2
+from vm_agent.upstream import (
+    ClientCertProvider,
+    UpstreamError,
+    UpstreamSettings,
+    call_metadata,
+    describe_token,
+    diagnose_connection,
+    open_channel,
+    read_token,
+)
+
+log = get_logger("identity")
+
+# istio's CA client retries these codes inside one CreateCertificate call (§4.4, §18 P2).
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+    }
+)
+ATTEMPTS = 5
+FIRST_WAIT = 0.1
+
+
+class CaError(Exception):
+    """A failed certificate request: ``reason`` is a stable label, ``str()`` the operator message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _token_problem(settings: UpstreamSettings, now: datetime) -> tuple[str, str] | None:
+    """What is wrong with the bearer token, judged from its own claims (not verified; istiod verifies)."""
+    token = read_token(settings)
+    if token is None:
+        return ("no_credentials", f"no token in {settings.token_path} and no valid certificate to renew with")
+    try:
+        info = describe_token(token)
+    except ValueError as exc:
+        return ("token_invalid", f"token in {settings.token_path} is unusable: {exc}")
+    if info.expires_at is not None and info.expires_at <= now:
+        return (
+            "token_expired",
+            f"token in {settings.token_path} expired at {info.expires_at.isoformat()}; "
+            "put a fresh token there (it is read on every attempt, no restart needed)",
+        )
+    if info.audiences and "istio-ca" not in info.audiences:
+        return (
+            "token_audience",
+            f"token in {settings.token_path} has audience {', '.join(info.audiences)}, not istio-ca",
+        )
+    return None
+
+
+class CaClient:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        client_cert: ClientCertProvider | None,
+        *,
+        cert_signer: str = "",
+        call_timeout: float = 10.0,
+        attempts: int = ATTEMPTS,
+        first_wait: float = FIRST_WAIT,
+    ) -> None:
+        self._settings = settings
+        self._client_cert = client_cert
+        self._cert_signer = cert_signer
+        self._call_timeout = call_timeout
+        self._attempts = attempts
+        self._first_wait = first_wait
+
+    async def _attempt(self, request: ca_pb2.IstioCertificateRequest) -> ca_pb2.IstioCertificateResponse:
+        async with open_channel(self._settings, self._client_cert) as channel:
+            create = channel.unary_unary(
+                CA_CREATE_CERTIFICATE_PATH,
+                request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
+                response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
+            )
+            response: ca_pb2.IstioCertificateResponse = await create(
+                request, metadata=call_metadata(self._settings), timeout=self._call_timeout
+            )
+            return response
+
+    async def create_certificate(self, csr_pem: bytes, validity_seconds: int) -> Sequence[str]:
+        """The CA's ``cert_chain`` for ``csr_pem``; ``CaError`` after the retries are used up."""
+        metadata = struct_pb2.Struct()
+        metadata.update({"CertSigner": self._cert_signer})
+        request = ca_pb2.IstioCertificateRequest(
+            csr=csr_pem.decode("ascii"), validity_duration=validity_seconds, metadata=metadata
+        )
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(self._attempts):
+            if attempt:
+                wait = self._first_wait * 2 ** (attempt - 1)
+                await asyncio.sleep(wait * random.uniform(0.9, 1.1))
+            try:
+                response = await self._attempt(request)
+            except UpstreamError as exc:
+                raise CaError("root_cert", str(exc)) from exc
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() not in RETRYABLE_CODES:
+                    break
+                continue
+            return list(response.cert_chain)
+        assert last is not None
+        raise await self._explain(last)
+
+    async def _explain(self, exc: grpc.aio.AioRpcError) -> CaError:
+        code = exc.code()
+        details = exc.details() or ""
+        where = self._settings.address
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            problem = await diagnose_connection(self._settings)
+            if problem is not None:
+                if "not signed by" in problem:
+                    return CaError("tls_untrusted", problem)
+                if "not valid for the name" in problem:
+                    return CaError("tls_name", problem)
+                if problem.startswith("CA unreachable"):
+                    return CaError("ca_unreachable", problem)
+                return CaError("tls", problem)
+            return CaError("ca_unavailable", f"CA at {where} is reachable but answered {code.name}: {details}")
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            has_cert = self._client_cert is not None and self._client_cert() is not None
+            token_problem = None if has_cert else _token_problem(self._settings, datetime.now(UTC))
+            if token_problem is not None:
+                reason, message = token_problem
+                return CaError(reason, f"CA at {where} refused us ({code.name}): {message}")
+            what = "our certificate" if has_cert else f"the token in {self._settings.token_path}"
+            return CaError("unauthenticated", f"CA at {where} refused {what} ({code.name}): {details}")
+        return CaError("ca_rejected", f"CA at {where} failed the request ({code.name}): {details}")

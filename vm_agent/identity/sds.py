@@ -1,0 +1,275 @@
+"""SDS server for Envoy on a Unix socket: secrets ``default`` and ``ROOTCA`` (istio-agent.md §4.7).
+
+Only ``StreamSecrets`` (state of the world) is served, with istiod's ACK/NACK rules per stream. Secrets
+not available yet (no certificate so far) are answered as soon as the SecretManager gets one, instead
+of failing the stream as istio's agent does, so Envoy's listeners warm up the moment the CA answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import grpc.aio
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from prometheus_client import Counter, Gauge
+
+from vm_agent.identity.manager import DEFAULT, ROOTCA, SecretManager
+from vm_agent.identity.settings import IdentitySettings
+from vm_agent.logs import get_logger
+from vm_agent.metrics import REGISTRY
+
+log = get_logger("sds")
+
+SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
+
+SDS_CONNECTIONS = Gauge("vm_agent_sds_connections", "Envoy SDS streams open now", registry=REGISTRY)
+SDS_PUSHES = Counter("vm_agent_sds_pushes", "SDS responses sent to Envoy", registry=REGISTRY)
+SDS_NACKS = Counter("vm_agent_sds_nacks", "SDS responses Envoy rejected", registry=REGISTRY)
+
+
+@dataclass
+class _Stream:
+    """One Envoy SDS stream: what it watches, what we last sent, and what is waiting to go out."""
+
+    conn_id: int
+    node_id: str | None = None
+    watched: set[str] = field(default_factory=set)
+    last_nonce: str | None = None
+    pending: set[str] = field(default_factory=set)
+    """Watched names we owe a response for (e.g. requested before the first certificate)."""
+    events: asyncio.Queue[discovery_pb2.DiscoveryRequest | frozenset[str] | None] = field(default_factory=asyncio.Queue)
+
+
+class SdsServer:
+    def __init__(self, settings: IdentitySettings, manager: SecretManager) -> None:
+        self._settings = settings
+        self._manager = manager
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._versions = itertools.count(1)
+        self._pushes = 0
+        self._nacks = 0
+        self._last_nack: str | None = None
+        self.serving = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _prepare_socket_path(self) -> None:
+        path = self._settings.sds_socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def _set_ownership(self) -> None:
+        path = self._settings.sds_socket
+        group = self._settings.sds_socket_group
+        os.chmod(path, 0o660)
+        if group is None:
+            return
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError as exc:
+            raise ValueError(f"SDS socket group {group!r} does not exist (the group Envoy runs as)") from exc
+        for target in (path.parent, path):
+            os.chown(target, -1, gid)
+
+    async def run(self) -> None:
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100_000)])
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        "StreamSecrets": grpc.stream_stream_rpc_method_handler(
+                            self._stream_secrets,
+                            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                            response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+                        ),
+                        "DeltaSecrets": grpc.stream_stream_rpc_method_handler(self._unimplemented_stream),
+                        "FetchSecrets": grpc.unary_unary_rpc_method_handler(self._unimplemented_unary),
+                    },
+                ),
+            )
+        )
+        unsubscribe = self._manager.subscribe(self._on_change)
+        path = self._settings.sds_socket
+        try:
+            self._prepare_socket_path()
+            server.add_insecure_port(f"unix:{path}")
+            await server.start()
+            self._set_ownership()
+            log.info("SDS serving on %s", path)
+            self.serving.set()
+            await server.wait_for_termination()
+        finally:
+            self.serving.clear()
+            unsubscribe()
+            await server.stop(grace=None)
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def _unimplemented_stream(
+        self, _requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only StreamSecrets is served")
+
+    async def _unimplemented_unary(self, _request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only StreamSecrets is served")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "socket": str(self._settings.sds_socket),
+            "serving": self.serving.is_set(),
+            "streams": [
+                {"node": s.node_id, "watching": sorted(s.watched), "waiting_for": sorted(s.pending)}
+                for s in self._streams.values()
+            ],
+            "pushes": self._pushes,
+            "nacks": self._nacks,
+            "last_nack": self._last_nack,
+        }
+
+    # -- pushes from the SecretManager ------------------------------------------------------------
+
+    def _on_change(self, names: frozenset[str]) -> None:
+        for stream in self._streams.values():
+            if names & stream.watched or stream.pending:
+                stream.events.put_nowait(names)
+
+    # -- one stream -------------------------------------------------------------------------------
+
+    def _secret(self, name: str) -> any_pb2.Any | None:
+        svid = self._manager.svid
+        if svid is None:
+            return None
+        if name == DEFAULT:
+            secret = secret_pb2.Secret(
+                name=DEFAULT,
+                tls_certificate=common_pb2.TlsCertificate(
+                    certificate_chain={"inline_bytes": svid.chain_pem},
+                    private_key={"inline_bytes": svid.key_pem},
+                ),
+            )
+        elif name == ROOTCA:
+            secret = secret_pb2.Secret(
+                name=ROOTCA,
+                validation_context=common_pb2.CertificateValidationContext(
+                    trusted_ca={"inline_bytes": self._manager.trust_bundle()}
+                ),
+            )
+        else:
+            return None
+        packed = any_pb2.Any()
+        packed.Pack(secret)
+        return packed
+
+    async def _send(self, stream: _Stream, names: set[str], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Send what we have of ``names``; anything not available yet stays pending for a later push."""
+        resources: list[any_pb2.Any] = []
+        for name in sorted(names):
+            secret = self._secret(name)
+            if secret is None:
+                stream.pending.add(name)
+            else:
+                stream.pending.discard(name)
+                resources.append(secret)
+        if not resources:
+            return
+        nonce = str(uuid.uuid4())
+        version = f"{datetime.now(UTC).isoformat(timespec='seconds').replace('+00:00', 'Z')}/{next(self._versions)}"
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=SECRET_TYPE_URL, nonce=nonce, resources=resources
+        )
+        stream.last_nonce = nonce
+        await context.write(response)
+        self._pushes += 1
+        SDS_PUSHES.inc()
+        log.debug("sent %s to %s (version %s)", ", ".join(sorted(names - stream.pending)), stream.node_id, version)
+
+    async def _on_request(
+        self, stream: _Stream, req: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        names = set(req.resource_names)
+        unknown = names - {DEFAULT, ROOTCA}
+        if unknown:
+            log.warning(
+                "Envoy %s asked for unknown secrets %s; only default and ROOTCA are served",
+                stream.node_id,
+                ", ".join(sorted(unknown)),
+            )
+        if req.HasField("error_detail"):
+            self._nacks += 1
+            self._last_nack = req.error_detail.message
+            SDS_NACKS.inc()
+            log.warning(
+                "Envoy %s rejected secrets %s: %s", stream.node_id, ", ".join(sorted(names)), req.error_detail.message
+            )
+            return
+        if not names:
+            stream.watched.clear()
+            stream.pending.clear()
+            return
+        if not req.response_nonce or stream.last_nonce is None:
+            stream.watched = names
+            stream.pending &= names
+            await self._send(stream, names, context)
+            return
+        if req.response_nonce != stream.last_nonce:
+            return  # stale: Envoy is answering an older response than our latest
+        added = names - stream.watched
+        stream.watched = names
+        stream.pending &= names
+        if added:
+            await self._send(stream, added, context)
+
+    async def _stream_secrets(
+        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        stream = _Stream(next(self._ids))
+        abort: tuple[grpc.StatusCode, str] | None = None
+
+        async def read() -> None:
+            async for req in requests:
+                stream.events.put_nowait(req)
+            stream.events.put_nowait(None)
+
+        self._streams[stream.conn_id] = stream
+        SDS_CONNECTIONS.inc()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(read())
+                while True:
+                    event = await stream.events.get()
+                    if event is None:
+                        break
+                    if isinstance(event, frozenset):
+                        due = set(event & stream.watched) | stream.pending
+                        if due:
+                            await self._send(stream, due, context)
+                        continue
+                    if stream.node_id is None:
+                        if not event.node.id:
+                            abort = (grpc.StatusCode.INVALID_ARGUMENT, "missing node information")
+                            reader.cancel()
+                            break
+                        stream.node_id = event.node.id
+                        log.info("Envoy %s connected for secrets", stream.node_id)
+                    await self._on_request(stream, event, context)
+        finally:
+            del self._streams[stream.conn_id]
+            SDS_CONNECTIONS.dec()
+        if abort is not None:
+            await context.abort(*abort)
