@@ -224,13 +224,13 @@ async def _get_following_redirects(
         status, location = await _get(url, headers, host_header, source_address)
         if status not in _REDIRECT_CODES or location is None:
             return status
-        if redirects >= MAX_REDIRECTS:
-            raise _HttpProbeError(f'Get "{location}": stopped after {MAX_REDIRECTS} redirects')
-        redirects += 1
         try:
             next_url = url.join(yarl.URL(location))
         except ValueError as exc:
-            raise _HttpProbeError(f"failed to parse Location header {location!r}: {exc}") from exc
+            raise _HttpProbeError(f'Get "{url}": failed to parse Location header {location!r}: {exc}') from exc
+        if redirects >= MAX_REDIRECTS:
+            raise _HttpProbeError(f'Get "{next_url}": stopped after {MAX_REDIRECTS} redirects')
+        redirects += 1
         # Like Go: a custom Host survives a relative redirect only; an absolute one names its own host.
         if yarl.URL(location).is_absolute():
             host_header = None
