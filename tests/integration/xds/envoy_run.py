@@ -110,6 +110,7 @@ async def running_envoy(tmp_path: Path, socket_path: Path, api_type: str) -> Asy
     config = tmp_path / "envoy.json"
     config.write_text(json.dumps(bootstrap(socket_path, admin_port, api_type)))
     log_path = tmp_path / "envoy.log"
+    log_file = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         str(find_envoy_binary()),
         "--config-path",
@@ -123,12 +124,12 @@ async def running_envoy(tmp_path: Path, socket_path: Path, api_type: str) -> Asy
         # reached Envoy and what did not.
         "--component-log-level",
         "config:debug",
-        "--log-path",
-        str(log_path),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        # stderr, unlike --log-path, is written line by line, so the log is current when a test reads it.
+        stderr=log_file,
     )
+    log_file.close()
     envoy = RunningEnvoy(admin_port, log_path)
     try:
         deadline = time.monotonic() + 20

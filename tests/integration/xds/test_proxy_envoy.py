@@ -27,7 +27,8 @@ def cluster(name: str) -> cluster_pb2.Cluster:
 def listener(name: str, cluster_name: str) -> listener_pb2.Listener:
     lis = listener_pb2.Listener(name=name)
     lis.address.socket_address.address = "127.0.0.1"
-    lis.address.socket_address.port_value = 1
+    # Distinct addresses: Envoy refuses two listeners on one address, bound or not.
+    lis.address.socket_address.port_value = 10_000 + sum(name.encode())
     # Never bound: the test only reads the config, and several engineers share this machine's ports.
     lis.bind_to_port.value = False
     chain = lis.filter_chains.add()
