@@ -82,6 +82,9 @@ def _join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_warned_sources: set[str] = set()
+
+
 def _local_addresses() -> set[str]:
     addrs: set[str] = set()
     for entries in psutil.net_if_addrs().values():
@@ -106,6 +109,12 @@ async def source_for(host: str, source_address: str | None) -> tuple[str | None,
     of this machine in the source's family: binding a loopback source for such a target cannot work.
     """
     if not source_address:
+        return None, socket.AF_UNSPEC
+    if not _is_local(source_address):
+        # ::6 exists only where capture set-up added it to lo; binding it elsewhere fails every probe.
+        if source_address not in _warned_sources:
+            _warned_sources.add(source_address)
+            log.warning("probe source address %s is not configured on this host; probing without it", source_address)
         return None, socket.AF_UNSPEC
     family = socket.AF_INET6 if ":" in source_address else socket.AF_INET
     try:

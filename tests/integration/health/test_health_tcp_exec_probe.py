@@ -186,3 +186,10 @@ async def test_exec_cancelled_probe_kills_its_process_group(tmp_path: Path) -> N
         await asyncio.sleep(0.02)
     assert gone(shell)
     assert gone(child)
+
+
+async def test_unconfigured_ipv6_source_is_not_bound(listener: Listener) -> None:
+    # ::6 is only present where capture set-up added it; without it the probe must still work.
+    assert await tcp(listener.port, source="::6") == (True, "")
+    await wait_peers(listener, 1)
+    assert listener.peers == ["127.0.0.1"]
