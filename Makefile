@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup proto proto-check test lint demo bench interop packages clean
+.PHONY: setup system-deps proto proto-check test lint demo bench interop clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard vm_agent/proto/*.proto)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard vm_agent/proto/*.proto)
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# Debian packages for netfilter/netns tests and the DNS benchmark (installed when root, else tests skip).
+system-deps:
+	@bash scripts/install-system-deps.sh
 
 proto: $(STAMP)
 	$(BIN)/python -m vm_agent.proto.generate
@@ -26,13 +30,13 @@ lint: $(STAMP) proto-check
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP)
-	$(BIN)/pytest -q tests
+test: $(STAMP) system-deps
+	$(BIN)/pytest -q -n 2 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m vm_agent.demo
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(BIN)/python -m bench
 
 interop: $(STAMP)

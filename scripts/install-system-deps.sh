@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Debian packages the tests and benchmarks use: netfilter and namespaces (iptables, nft, ip), dig,
+# and the DNS benchmark peers (dnsperf, dnsmasq). Installs only what is missing; needs root for that.
+set -euo pipefail
+declare -A want=(
+  [iptables-restore]=iptables [nft]=nftables [ip]=iproute2 [dig]=dnsutils
+  [dnsperf]=dnsperf [dnsmasq]=dnsmasq [taskset]=util-linux
+)
+missing=()
+for cmd in "${!want[@]}"; do
+  if ! command -v "$cmd" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$cmd" ]; then
+    missing+=("${want[$cmd]}")
+  fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "note: not root, cannot install ${missing[*]}; tests that need them will be skipped" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# dnsmasq's package starts a system service on port 53; the benchmarks run their own instances.
+systemctl disable --now dnsmasq >/dev/null 2>&1 || service dnsmasq stop >/dev/null 2>&1 || true
+echo "installed: ${missing[*]}"
