@@ -1,0 +1,135 @@
+"""What to do with one query packet: pure code, shared by the UDP and TCP servers and the fuzzer.
+
+``handle`` decides between a reply from the NameIndex, an error reply, a drop, or forwarding the
+packet upstream.  The common case — an exact table hit — never parses the message: the lower-cased
+question name is a dict key and the reply is the client's ID and question spliced around bytes
+precomputed by ``index``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from vm_agent.dns import wire
+from vm_agent.dns.index import Answer, IdSource, NameIndex, random_id, shuffle
+
+_AA_QR = 0x84  # high flag byte of an authoritative reply to a standard QUERY
+_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"  # qdcount 1, ancount 0, nscount 0
+_NO_ADDITIONAL = b"\x00\x00"
+_ONE_ADDITIONAL = b"\x00\x01"
+_OPT_HEAD = b"\x00\x00\x29"  # root owner + type OPT
+_CLASS_IN = b"\x00\x01"
+_QTYPE_A = b"\x00\x01"
+_QTYPE_AAAA = b"\x00\x1c"
+
+
+class Outcome(enum.Enum):
+    HIT = "hit"  # answered from the NameTable (records or NODATA)
+    MISS = "miss"  # not ours: forward upstream
+    UNSYNCED = "unsynced"  # no NameTable yet: forward upstream
+    FORMERR = "formerr"
+    NOTIMP = "notimp"
+    DROP = "dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    reply: bytes | None = None  # HIT, FORMERR, NOTIMP
+    message: wire.Message | None = None  # MISS, UNSYNCED: the parsed query, for SERVFAIL and sizing
+
+
+def fast_reply(exact: dict[bytes, tuple[Answer, Answer]], data: bytes, tcp: bool, next_id: IdSource) -> bytes | None:
+    """The reply for a plain A/AAAA/IN query of an exactly known name, or None for the slow path.
+
+    Safe on any input: the name is only trusted after it matched a key byte for byte, and keys are
+    valid names, so a match proves the question is well formed.
+    """
+    flags_hi = data[2:3]
+    if not flags_hi or flags_hi[0] & 0xF8 or data[4:10] != _ONE_QUESTION:
+        return None
+    end = data.find(0, 12)
+    if end < 0:
+        return None
+    qend = end + 5
+    additional = data[10:12]
+    if additional == _NO_ADDITIONAL:
+        if len(data) != qend:
+            return None
+        limit = wire.MIN_UDP_SIZE
+    elif additional == _ONE_ADDITIONAL and data[qend : qend + 3] == _OPT_HEAD and len(data) >= qend + 11:
+        if len(data) != qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]):
+            return None
+        limit = max((data[qend + 3] << 8) | data[qend + 4], wire.MIN_UDP_SIZE)
+    else:
+        return None
+    entry = exact.get(data[12 : end + 1].lower())
+    if entry is None or data[end + 3 : qend] != _CLASS_IN:
+        return None
+    qtype = data[end + 1 : end + 3]
+    if qtype == _QTYPE_A:
+        answer = entry[0]
+    elif qtype == _QTYPE_AAAA:
+        answer = entry[1]
+    else:
+        return None
+    flags = bytes((_AA_QR | (flags_hi[0] & 0x01), data[3] & 0x10))
+    records = answer.records
+    if records is not None:
+        reply = data[0:2] + flags + answer.counts + data[12:qend] + records
+    else:
+        counts, records = answer.counts_and_records(next_id)
+        reply = data[0:2] + flags + counts + data[12:qend] + records
+    if len(reply) > limit and not tcp:
+        return None  # needs compression or TC: the general path does that
+    return reply
+
+
+_HEADER_COUNTS = struct.Struct(">HHHH")
+
+
+def handle(
+    index: NameIndex | None, data: bytes, tcp: bool, next_id: IdSource = random_id, try_fast: bool = True
+) -> Decision:
+    """Decide what to do with one query (``data`` without the TCP length prefix).
+
+    ``try_fast=False`` when the caller already tried ``fast_reply``.
+    """
+    if index is not None and try_fast:
+        reply = fast_reply(index.exact, data, tcp, next_id)
+        if reply is not None:
+            return Decision(Outcome.HIT, reply)
+    if len(data) < wire.HEADER_LEN or data[2] & 0x80:
+        # No ID to answer to, or a response sent to us (possibly spoofed): stay silent.
+        return Decision(Outcome.DROP)
+    opcode = (data[2] >> 3) & 0xF
+    if opcode not in (wire.OPCODE_QUERY, wire.OPCODE_NOTIFY):
+        return Decision(Outcome.NOTIMP, wire.error_reply(data, wire.RCODE_NOTIMP))
+    qd, an, ns, ar = _HEADER_COUNTS.unpack_from(data, 4)
+    # The same acceptance rules as miekg/dns's default server (one question, at most one answer and
+    # authority record, two additional).
+    if qd != 1 or an > 1 or ns > 1 or ar > 2:
+        return Decision(Outcome.FORMERR, wire.error_reply(data, wire.RCODE_FORMERR))
+    try:
+        msg = wire.parse_message(data)
+    except wire.FormatError:
+        return Decision(Outcome.FORMERR, wire.error_reply(data, wire.RCODE_FORMERR))
+    if index is None:
+        return Decision(Outcome.UNSYNCED, message=msg)
+    records = index.lookup(msg.qname.lower(), msg.qtype)
+    if records is None:
+        return Decision(Outcome.MISS, message=msg)
+    if len(records) > 1:
+        cnames = [r for r in records if r[1] == wire.TYPE_CNAME]
+        addrs = [r for r in records if r[1] != wire.TYPE_CNAME]
+        shuffle(addrs, next_id)
+        records = cnames + addrs
+    limit = wire.MAX_MSG_SIZE if tcp else wire.udp_limit(msg.edns_size)
+    flags = wire.reply_flags(msg.flags, wire.RCODE_NOERROR, True)
+    return Decision(Outcome.HIT, wire.pack_answer(msg, flags, records, limit))
+
+
+def servfail(msg: wire.Message) -> bytes:
+    return wire.simple_reply(msg, wire.RCODE_SERVFAIL)

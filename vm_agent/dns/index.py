@@ -1,0 +1,250 @@
+"""NameTable → NameIndex: every answer the proxy can give from the table, precomputed as wire bytes.
+
+Built once per NDS update (pure code, no I/O) and then only read, so the DNS threads can use an
+index while a new one is being built and the swap is a single reference assignment.
+
+The rules are Istio's (pkg/dns/client): alternate host names per registry, one A/AAAA RRset per
+name with TTL 30, a CNAME from ``<name>.<first search domain>`` to the name, wildcards matched most
+specific first, and NOERROR with no records for a known name of the other family.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vm_agent.dns import wire
+from vm_agent.proto import nds_pb2
+
+KUBERNETES_REGISTRY = "Kubernetes"
+
+IdSource = Callable[[], int]
+
+
+def random_id() -> int:
+    """A 16-bit value, the role miekg/dns ``Id()`` plays in Istio's shuffle."""
+    return random.getrandbits(16)
+
+
+def shuffle(items: list[Any], next_id: IdSource = random_id) -> None:
+    """Istio's round-robin shuffle, in place (§10.5).
+
+    The loop bound is drawn again on every iteration on purpose: that is what Istio does and its
+    test vectors depend on it.
+    """
+    n = len(items)
+    if n < 2:
+        return
+    if n == 2:
+        if next_id() % 2 == 0:
+            items[0], items[1] = items[1], items[0]
+        return
+    j = 0
+    while j < n * (next_id() % 4 + 1):
+        q = next_id() % n
+        p = next_id() % n
+        if q == p:
+            p = (p + 1) % n
+        items[q], items[p] = items[p], items[q]
+        j += 1
+
+
+def _counts(answers: int) -> bytes:
+    return b"\x00\x01" + answers.to_bytes(2, "big") + b"\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer section for one (name, family), as exact hits return it.
+
+    ``counts`` are the header's last eight bytes; ``records`` the finished answer section when no
+    shuffle is needed (None otherwise); ``head`` is a CNAME RR that always comes first and
+    ``addrs`` the A/AAAA RRs that get shuffled.
+    """
+
+    counts: bytes
+    records: bytes | None
+    head: bytes
+    addrs: tuple[bytes, ...]
+
+    def counts_and_records(self, next_id: IdSource) -> tuple[bytes, bytes]:
+        """(counts, answer RRs) with the addresses shuffled."""
+        addrs = list(self.addrs)
+        shuffle(addrs, next_id)
+        return self.counts, self.head + b"".join(addrs)
+
+
+EMPTY_ANSWER = Answer(_counts(0), b"", b"", ())
+
+
+def _answer(head: bytes, addrs: tuple[bytes, ...]) -> Answer:
+    if not addrs:
+        # The CNAME goes too: Istio answers NODATA, not a dangling CNAME.
+        return EMPTY_ANSWER
+    counts = _counts(len(addrs) + (1 if head else 0))
+    if len(addrs) == 1:
+        return Answer(counts, head + addrs[0], head, addrs)
+    return Answer(counts, None, head, addrs)
+
+
+@dataclass(slots=True)
+class _Host:
+    """What Istio's LookupTable holds for one lower-cased name."""
+
+    v4: tuple[bytes, ...] = ()  # rdata
+    v6: tuple[bytes, ...] = ()
+    cname: bytes | None = None  # target (wire)
+
+
+@dataclass
+class NameIndex:
+    """Read-only after ``build_index``; shared between threads."""
+
+    # lower-cased wire name → (answer for A, answer for AAAA); the fast path's only lookup
+    exact: dict[bytes, tuple[Answer, Answer]]
+    hosts: dict[bytes, _Host]
+    alt_hosts: dict[str, list[str]]  # NameTable hostname → generated names, for /debug/ndsz
+    entries: int
+    skipped: int
+    wildcards: bool = field(default=False)
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    def lookup(self, qname_lower: bytes, qtype: int) -> list[wire.Record] | None:
+        """Records answering (name, type), [] for NODATA, None when the table does not own it.
+
+        The general path (wildcards, CNAME renaming); ``exact`` serves the common case faster.
+        """
+        if qtype not in (wire.TYPE_A, wire.TYPE_AAAA):
+            return None
+        key = qname_lower
+        host = self.hosts.get(key)
+        wildcard = False
+        if host is None and self.wildcards:
+            pos = 0
+            while qname_lower[pos] != 0:
+                pos += 1 + qname_lower[pos]
+                candidate = b"\x01*" + qname_lower[pos:]
+                host = self.hosts.get(candidate)
+                if host is not None:
+                    key = candidate
+                    wildcard = True
+                    break
+        if host is None:
+            return None
+        out: list[wire.Record] = []
+        if host.cname is not None:
+            out.append((qname_lower, wire.TYPE_CNAME, host.cname))
+            key = host.cname
+            target = self.hosts.get(key)
+            host = target if target is not None else _Host()
+        rdatas = host.v4 if qtype == wire.TYPE_A else host.v6
+        if not rdatas:
+            return []
+        # A wildcard answer takes the question's name, except after a CNAME where Istio keeps the
+        # target's own owner.
+        owner = qname_lower if wildcard and not out else key
+        out.extend((owner, qtype, rdata) for rdata in rdatas)
+        return out
+
+
+def _split_ips(ips: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    v4: list[bytes] = []
+    v6: list[bytes] = []
+    for text in ips:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            # Istio skips what does not parse; istiod only sends literals anyway.
+            continue
+        (v4 if addr.version == 4 else v6).append(addr.packed)
+    return tuple(v4), tuple(v6)
+
+
+def alternate_hosts(
+    hostname: str, info: nds_pb2.NameTable.NameInfo, pod_namespace: str, proxy_domain: str
+) -> list[str]:
+    """The names Istio answers for one NameTable entry (with trailing dots, not lower-cased)."""
+    if info.registry == KUBERNETES_REGISTRY:
+        if hostname.endswith("."):
+            return []
+        out = [hostname + "."]
+        if not proxy_domain or not hostname.endswith(proxy_domain):
+            return out
+        first_label = proxy_domain.split(".")[0]
+        out.append(f"{info.shortname}.{info.namespace}.")
+        if info.namespace == pod_namespace:
+            out.append(f"{info.shortname}.")
+        out.append(f"{info.shortname}.{info.namespace}.{first_label}.")
+        out.extend(alt + "." for alt in info.alt_hosts)
+        return list(dict.fromkeys(out))
+    return [hostname if hostname.endswith(".") else hostname + "."]
+
+
+def build_index(
+    table: nds_pb2.NameTable,
+    search_domains: Sequence[str],
+    pod_namespace: str,
+    proxy_domain: str,
+) -> NameIndex:
+    """Precompute every answer for ``table``.
+
+    Raises ``ValueError`` naming the entry when a host name cannot be a DNS name, so the xDS proxy
+    NACKs the table and the previous index stays in service.
+    """
+    if not isinstance(table, nds_pb2.NameTable):
+        raise ValueError(f"NameTable expected, got {type(table).__name__}")
+    search = search_domains[0] if search_domains else ""
+    search_wire = wire.text_to_name(search, "first search domain").lower() if search else b""
+    hosts: dict[bytes, _Host] = {}
+    alt_hosts: dict[str, list[str]] = {}
+    skipped = 0
+    for hostname, info in table.table.items():
+        where = f"NameTable entry {hostname!r}"
+        names = alternate_hosts(hostname, info, pod_namespace, proxy_domain)
+        alt_hosts[hostname] = names
+        wires = [wire.text_to_name(name, where) for name in names]
+        v4, v6 = _split_ips(info.ips)
+        if not v4 and not v6:
+            skipped += 1
+            continue
+        own = {w.lower() for w in wires}
+        for name_wire in wires:
+            key = name_wire.lower()
+            host = hosts.get(key)
+            if host is None:
+                host = hosts[key] = _Host()
+            if v4:
+                host.v4 = v4
+            if v6:
+                host.v6 = v6
+            if search_wire:
+                expanded = key[:-1] + search_wire
+                # Too long to ever be asked for; Istio stores it anyway, we need not.
+                if len(expanded) <= wire.MAX_NAME_LEN and expanded not in own:
+                    target = hosts.get(expanded)
+                    if target is None:
+                        target = hosts[expanded] = _Host()
+                    target.cname = key
+    exact: dict[bytes, tuple[Answer, Answer]] = {}
+    wildcards = False
+    for key, host in hosts.items():
+        exact[key] = (_resolve(hosts, key, host, wire.TYPE_A), _resolve(hosts, key, host, wire.TYPE_AAAA))
+        if key.startswith(b"\x01*"):
+            wildcards = True
+    return NameIndex(exact, hosts, alt_hosts, len(table.table), skipped, wildcards)
+
+
+def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int) -> Answer:
+    head = b""
+    owner = key
+    if host.cname is not None:
+        head = wire.rr_bytes(key, wire.TYPE_CNAME, host.cname)
+        owner = host.cname
+        host = hosts.get(owner) or _Host()
+    rdatas = host.v4 if qtype == wire.TYPE_A else host.v6
+    return _answer(head, tuple(wire.rr_bytes(owner, qtype, rdata) for rdata in rdatas))

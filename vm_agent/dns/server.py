@@ -1,0 +1,398 @@
+"""The DNS proxy: UDP and TCP listeners answering from the NameIndex and forwarding the rest.
+
+Threads, and why: the agent's event loop also runs xDS, SDS and health, so DNS gets its own
+thread with its own uvloop loop (TCP, forwarding) and one blocking reader thread per UDP socket.
+A table hit on UDP is then ``recvfrom`` → dict lookup → ``sendto`` with no event-loop round trip;
+only misses cross into the DNS loop to be forwarded.  The NameIndex is swapped by assigning one
+attribute, which is atomic under the GIL, so a query sees either the old or the new table whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+from google.protobuf import json_format
+
+from vm_agent.dns import wire
+from vm_agent.dns.forward import Forwarder
+from vm_agent.dns.handler import Decision, Outcome, fast_reply, handle, servfail
+from vm_agent.dns.index import NameIndex, build_index, random_id
+from vm_agent.dns.metrics import DnsStats, register
+from vm_agent.logs import get_logger
+from vm_agent.proto import nds_pb2
+
+log = get_logger("dns")
+
+# Bounds that keep a flood or a slow client from growing memory without limit.
+MAX_PENDING_FORWARDS = 2048
+MAX_TCP_CLIENTS = 256
+TCP_IDLE_TIMEOUT = 10.0
+UDP_RCVBUF = 4 << 20
+
+
+def _check_address(value: Any, where: str) -> tuple[str, int]:
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise ValueError(f"{where}: expected (ip, port), got {value!r}")
+    host, port = value
+    try:
+        ipaddress.ip_address(host)
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: {host!r} is not an IP address literal") from None
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{where}: port {port!r} is not in 0..65535")
+    return host, port
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    listen: tuple[tuple[str, int], ...]  # each address gets a UDP and a TCP listener
+    upstreams: tuple[tuple[str, int], ...]  # resolv.conf nameservers, in file order
+    search_domains: tuple[str, ...]  # resolv.conf search list; the first drives the CNAME shortcut
+    pod_namespace: str
+    proxy_domain: str  # DNS domain without the namespace label, e.g. "svc.cluster.local"
+    forward_timeout: float = 5.0  # per upstream exchange
+    forward_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ValueError("DnsSettings.listen: at least one (ip, port) is needed")
+        for i, addr in enumerate(self.listen):
+            _check_address(addr, f"DnsSettings.listen[{i}]")
+        for i, addr in enumerate(self.upstreams):
+            _check_address(addr, f"DnsSettings.upstreams[{i}]")
+        for i, domain in enumerate(self.search_domains):
+            wire.text_to_name(domain, f"DnsSettings.search_domains[{i}]")
+        if not self.forward_timeout > 0:
+            raise ValueError(f"DnsSettings.forward_timeout: {self.forward_timeout!r} must be > 0 seconds")
+
+
+def default_listen(upstreams: Sequence[tuple[str, int]], port: int = 15053) -> tuple[tuple[str, int], ...]:
+    """Istio's ``localhost:<port>`` rule: 127.0.0.1 if any IPv4 resolver, ::1 if any IPv6 one."""
+    families = {ipaddress.ip_address(host).version for host, _ in upstreams}
+    out: list[tuple[str, int]] = []
+    if 4 in families or not families:
+        out.append(("127.0.0.1", port))
+    if 6 in families:
+        out.append(("::1", port))
+    return tuple(out)
+
+
+class DnsServer:
+    def __init__(self, settings: DnsSettings) -> None:
+        self.settings = settings
+        self.ready = asyncio.Event()
+        self._index: NameIndex | None = None
+        self._table: nds_pb2.NameTable | None = None
+        self._stats = DnsStats()
+        register(self._stats)
+        self._forwarder = Forwarder(settings.upstreams, settings.forward_timeout, settings.forward_parallel)
+        self._updates = 0
+        self._rejected = 0
+        self._last_error = ""
+        self._last_update = 0.0
+        self._bound: list[tuple[str, int]] = []
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._tcp_tasks: set[asyncio.Task[Any]] = set()
+        self.tcp_idle_timeout = TCP_IDLE_TIMEOUT
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stopping = False
+        thread = threading.Thread(target=self._thread_main, args=(started,), name="vm-agent-dns", daemon=True)
+        thread.start()
+        try:
+            await asyncio.wrap_future(started)
+            self.ready.set()
+            log.info(
+                "DNS proxy listening on %s (UDP+TCP), upstreams %s",
+                ", ".join(f"{h}:{p}" for h, p in self._bound),
+                ", ".join(f"{h}:{p}" for h, p in self.settings.upstreams) or "none",
+            )
+            await asyncio.Future()
+        finally:
+            self.ready.clear()
+            self._request_stop()
+            # Short: the DNS thread only closes sockets and cancels in-flight forwards.
+            thread.join(timeout=10)
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    def _thread_main(self, started: concurrent.futures.Future[None]) -> None:
+        loop = uvloop.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve(started))
+        except BaseException as err:
+            if not started.done():
+                started.set_exception(err)
+            else:
+                log.exception("DNS thread failed")
+        finally:
+            self._loop = None
+            loop.close()
+
+    async def _serve(self, started: concurrent.futures.Future[None]) -> None:
+        self._stop_event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        udp_socks: list[socket.socket] = []
+        readers: list[threading.Thread] = []
+        servers: list[asyncio.Server] = []
+        try:
+            for host, port in self.settings.listen:
+                udp, tcp = _bind_pair(host, port)
+                udp_socks.append(udp)
+                servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
+                self._bound.append((host, udp.getsockname()[1]))
+            if self._stopping:
+                return
+            for udp in udp_socks:
+                reader = threading.Thread(target=self._udp_reader, args=(udp,), name="vm-agent-dns-udp", daemon=True)
+                reader.start()
+                readers.append(reader)
+            started.set_result(None)
+            await self._stop_event.wait()
+        finally:
+            self._stopping = True
+            for udp in udp_socks:
+                # Wakes the reader blocked in recvfrom (Linux returns an empty read).
+                with contextlib.suppress(OSError):
+                    udp.shutdown(socket.SHUT_RDWR)
+            for server in servers:
+                server.close()
+            for task in [*self._pending, *self._tcp_tasks]:
+                task.cancel()
+            await asyncio.gather(*self._pending, *self._tcp_tasks, return_exceptions=True)
+            for reader in readers:
+                await asyncio.to_thread(reader.join, 5)
+            for udp in udp_socks:
+                udp.close()
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    await server.wait_closed()
+            self._bound.clear()
+
+    # ---- NameTable -------------------------------------------------------------------------
+
+    async def update(self, table: nds_pb2.NameTable) -> None:
+        """Replace the table atomically; ``ValueError`` (and the old table stays) if malformed."""
+        if not isinstance(table, nds_pb2.NameTable):
+            raise ValueError(f"NameTable expected, got {type(table).__name__}")
+        s = self.settings
+        try:
+            index, kept = await asyncio.to_thread(_build, table, s.search_domains, s.pod_namespace, s.proxy_domain)
+        except ValueError as err:
+            self._rejected += 1
+            self._last_error = str(err)
+            log.warning("NameTable rejected, keeping the previous one: %s", err)
+            raise
+        self._index = index
+        self._table = kept
+        self._updates += 1
+        self._last_update = time.time()
+        self._stats.names = len(index)
+        log.info("NameTable applied: %d entries, %d names", index.entries, len(index))
+
+    def table_loaded(self) -> bool:
+        return self._index is not None
+
+    def ndsz(self) -> dict[str, Any]:
+        index, table = self._index, self._table
+        if index is None or table is None:
+            return {"loaded": False}
+        return {
+            "loaded": True,
+            "table": json_format.MessageToDict(table),
+            "alt_hosts": index.alt_hosts,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        index = self._index
+        return {
+            "listening": [f"{h}:{p}" for h, p in self._bound],
+            "ready": self.ready.is_set(),
+            "table_loaded": index is not None,
+            "table_entries": index.entries if index else 0,
+            "table_names": len(index) if index else 0,
+            "table_updates": self._updates,
+            "table_rejected": self._rejected,
+            "last_error": self._last_error,
+            "last_update": self._last_update,
+            "queries": self._stats.queries(),
+            "responses": self._stats.responses(),
+            "forwarded": {"ok": self._stats.forward_ok, "failed": self._stats.forward_failed},
+            "upstreams": [
+                {"address": f"{h}:{p}", "failures": self._forwarder.failures.get(f"{h}:{p}", 0)}
+                for h, p in self.settings.upstreams
+            ],
+            "forward_parallel": self.settings.forward_parallel,
+            "forward_timeout": self.settings.forward_timeout,
+            "pending_forwards": len(self._pending),
+        }
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        """The addresses actually bound (ports resolved when 0 was asked for)."""
+        return list(self._bound)
+
+    # ---- UDP -------------------------------------------------------------------------------
+
+    def _udp_reader(self, sock: socket.socket) -> None:
+        recvfrom, sendto = sock.recvfrom, sock.sendto
+        stats = self._stats
+        next_id = random_id
+        while not self._stopping:
+            try:
+                data, addr = recvfrom(65535)
+            except OSError:
+                continue
+            if not data:
+                continue
+            try:
+                index = self._index
+                if index is not None:
+                    reply = fast_reply(index.exact, data, False, next_id)
+                    if reply is not None:
+                        sendto(reply, addr)
+                        stats.fast_hits += 1
+                        continue
+                self._udp_slow(sock, data, addr, handle(index, data, False, next_id, try_fast=False))
+            except Exception:
+                # A bug must not take DNS down for the whole host; count it and keep serving.
+                stats.outcome("error")
+                log.exception("DNS query from %s failed", addr)
+
+    def _udp_slow(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
+        stats = self._stats
+        if decision.outcome in (Outcome.MISS, Outcome.UNSYNCED):
+            loop = self._loop
+            if loop is None or len(self._pending) >= MAX_PENDING_FORWARDS:
+                stats.outcome("overload")
+                return  # the client retries; better than queueing without bound
+            stats.outcome(decision.outcome.value)
+            loop.call_soon_threadsafe(self._start_forward, sock, data, addr, decision)
+            return
+        stats.outcome(decision.outcome.value)
+        if decision.reply is not None:
+            sock.sendto(decision.reply, addr)
+            stats.rcode(decision.reply)
+
+    def _start_forward(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
+        if self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._forward_udp(sock, data, addr, decision))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
+        assert decision.message is not None
+        reply = await self._forward(data, False, wire.udp_limit(decision.message.edns_size), decision.message)
+        with contextlib.suppress(OSError):
+            sock.sendto(reply, addr)
+
+    async def _forward(self, data: bytes, tcp: bool, bufsize: int, msg: wire.Message) -> bytes:
+        reply = await self._forwarder.exchange(data, tcp, bufsize)
+        if reply is None:
+            self._stats.forward_failed += 1
+            reply = servfail(msg)
+        else:
+            self._stats.forward_ok += 1
+        self._stats.rcode(reply)
+        return reply
+
+    # ---- TCP -------------------------------------------------------------------------------
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._tcp_tasks) >= MAX_TCP_CLIENTS or task is None:
+            self._stats.outcome("overload")
+            writer.close()
+            return
+        self._tcp_tasks.add(task)
+        try:
+            while not self._stopping:
+                # A client gets TCP_IDLE_TIMEOUT for each whole query: slow or stalled ones are cut.
+                async with asyncio.timeout(self.tcp_idle_timeout):
+                    (length,) = struct.unpack(">H", await reader.readexactly(2))
+                    data = await reader.readexactly(length)
+                reply = await self._tcp_answer(data)
+                if reply is None:
+                    break
+                writer.write(struct.pack(">H", len(reply)) + reply)
+                async with asyncio.timeout(self.tcp_idle_timeout):
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass
+        finally:
+            self._tcp_tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _tcp_answer(self, data: bytes) -> bytes | None:
+        stats = self._stats
+        try:
+            decision = handle(self._index, data, True)
+        except Exception:
+            stats.outcome("error")
+            log.exception("DNS query over TCP failed")
+            return None
+        stats.outcome(decision.outcome.value)
+        if decision.outcome in (Outcome.MISS, Outcome.UNSYNCED):
+            assert decision.message is not None
+            return await self._forward(data, True, wire.MAX_MSG_SIZE, decision.message)
+        if decision.reply is not None:
+            stats.rcode(decision.reply)
+        return decision.reply
+
+
+def _build(
+    table: nds_pb2.NameTable, search: tuple[str, ...], namespace: str, domain: str
+) -> tuple[NameIndex, nds_pb2.NameTable]:
+    index = build_index(table, search, namespace, domain)
+    # Our own copy: the caller may reuse its message, /debug/ndsz must show what we serve.
+    kept = nds_pb2.NameTable()
+    kept.CopyFrom(table)
+    return index, kept
+
+
+def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on the same address and port (port 0: the kernel picks one for UDP)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        with contextlib.suppress(OSError):
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        udp.bind((host, port))
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host, udp.getsockname()[1]))
+        tcp.listen(128)
+        tcp.setblocking(False)
+    except OSError as err:
+        udp.close()
+        tcp.close()
+        raise OSError(err.errno, f"DNS proxy cannot bind {host}:{port}: {err.strerror}") from None
+    return udp, tcp
