@@ -1,4 +1,3 @@
-# ruff: noqa: E501
 """Parsing and validation of mesh manifests: every problem names file, object and field."""
 
 from __future__ import annotations

@@ -1,0 +1,937 @@
+"""What one connected proxy receives from the local mesh: clusters, endpoints, listeners and routes.
+
+The shape follows istiod's sidecar configuration (names such as ``outbound|8080||host``,
+``inbound|8080||``, ``virtualInbound``, ``PassthroughCluster``; TLS secrets ``default`` and ``ROOTCA``
+fetched over the bootstrap's ``sds-grpc`` cluster) so that an Envoy driven by vm-agent behaves the same
+whether the control plane is a real istiod or this local mesh.
+
+Resources are written as dicts in Envoy's JSON form and parsed into protobuf messages: that keeps them
+readable next to ``istioctl proxy-config -o json`` output, and the parser rejects misspelled fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+
+# The imports below register the typed_config message types used in "@type" fields.
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
+
+from vm_agent.logs import get_logger
+from vm_agent.mesh.model import (
+    MeshSnapshot,
+    Service,
+    ServiceEntry,
+    WorkloadEntry,
+    WorkloadEntrySpec,
+    WorkloadGroup,
+)
+
+__all__ = [
+    "CLUSTER_TYPE_URL",
+    "ENDPOINT_TYPE_URL",
+    "LISTENER_TYPE_URL",
+    "ROUTE_TYPE_URL",
+    "Endpoint",
+    "MeshService",
+    "ProxyView",
+    "allocate_vips",
+    "generate",
+    "ipv6_vip",
+    "mesh_services",
+    "own_workload",
+    "service_endpoints",
+]
+
+log = get_logger("mesh.xdsgen")
+
+CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE_URL = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE_URL = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+SDS_CLUSTER = "sds-grpc"
+SECRET_CERT = "default"
+SECRET_ROOT = "ROOTCA"
+BLACKHOLE = "BlackHoleCluster"
+PASSTHROUGH = "PassthroughCluster"
+INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
+VIRTUAL_OUTBOUND_PORT = 15001
+VIRTUAL_INBOUND_PORT = 15006
+# Istio's own ports; a service on one of them would collide with the proxy (NONE mode binds for real).
+RESERVED_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090})
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-Web"})
+H2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-Web"})
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+HEALTH_CHECKS_ANNOTATION = "proxy.istio.io/health-checks-enabled"
+# What a mesh client offers and a mesh server accepts: the Istio markers first so that a server
+# that sees them knows its peer is a sidecar; the HTTP codec is sniffed, not negotiated.
+CLIENT_ALPN = ("istio-peer-exchange", "istio")
+SERVER_ALPN = ("istio-peer-exchange", "istio", "h2", "http/1.1")
+_VIP4 = ipaddress.ip_network("240.240.0.0/16")
+_VIP6_PREFIX = "2001:2::"
+
+_T = {
+    "hcm": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+    "tcp": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+    "router": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    "odst": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    "tlsi": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+    "utls": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+    "dtls": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+    "raw": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+    "hpo": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+}
+
+
+@dataclass(frozen=True)
+class ProxyView:
+    """A connected proxy as the server sees it, identity already verified."""
+
+    node_id: str
+    ips: tuple[str, ...]
+    namespace: str
+    service_account: str | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    dns_capture: bool = False
+    interception_mode: str = "REDIRECT"  # or "NONE": no iptables, listeners bind real addresses
+    cluster_id: str = "Kubernetes"
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MeshPort:
+    number: int
+    name: str
+    protocol: str  # Istio protocol name: HTTP, HTTP2, GRPC, TCP, TLS, ...
+    target_port: int | str | None
+
+
+@dataclass(frozen=True)
+class MeshService:
+    """A Kubernetes Service or one host of a ServiceEntry, the unit istiod builds clusters for."""
+
+    host: str
+    name: str
+    namespace: str
+    registry: str  # "Kubernetes" | "External"
+    addresses: tuple[str, ...]  # IP literals usable as listener/DNS addresses (no CIDRs)
+    ports: tuple[MeshPort, ...]
+    resolution: str  # EDS | DNS | DNS_ROUND_ROBIN | PASSTHROUGH
+    headless: bool
+    source: Service | ServiceEntry
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+    labels: Mapping[str, str]
+    locality: str
+    weight: int
+    identity: str | None  # SPIFFE id when the endpoint is a mesh workload (gets mTLS)
+    network: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Services, endpoints, VIPs
+
+
+def _protocol_from_name(name: str, app_protocol: str | None = None) -> str:
+    candidate = (app_protocol or name.split("-", 1)[0]).lower()
+    if name.lower().startswith("grpc-web"):
+        candidate = "grpc-web"
+    return {
+        "http": "HTTP",
+        "http2": "HTTP2",
+        "grpc": "GRPC",
+        "grpc-web": "GRPC-Web",
+        "https": "HTTPS",
+        "tls": "TLS",
+        "tcp": "TCP",
+        "mongo": "Mongo",
+        "redis": "Redis",
+        "mysql": "MySQL",
+        "udp": "UDP",
+        "kubernetes.io/h2c": "HTTP2",
+    }.get(candidate, "TCP")
+
+
+def ipv6_vip(v4: str) -> str:
+    """The IPv6 twin of an auto-allocated IPv4 VIP (same low 16 bits in 2001:2::/48)."""
+    low = int(ipaddress.IPv4Address(v4)) & 0xFFFF
+    return f"{_VIP6_PREFIX}{low:x}"
+
+
+def _needs_vip(se: ServiceEntry, host: str) -> bool:
+    # Like istiod: only address-less entries that resolve (NONE means "pass through as is"), and never
+    # wildcards (one address cannot stand for many names).
+    return not se.addresses and se.resolution != "NONE" and not host.startswith("*.")
+
+
+def allocate_vips(snapshot: MeshSnapshot, previous: Mapping[str, str]) -> dict[str, str]:
+    """host → IPv4 VIP in 240.240.0.0/16 for address-less ServiceEntry hosts; existing assignments are kept."""
+    wanted = sorted({h for se in snapshot.of_kind(ServiceEntry) for h in se.hosts if _needs_vip(se, h)})
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for h in wanted:
+        old = previous.get(h)
+        if old is not None and old not in used and ipaddress.ip_address(old) in _VIP4:
+            out[h] = old
+            used.add(old)
+    size = _VIP4.num_addresses
+    base = int(_VIP4.network_address)
+    for h in wanted:
+        if h in out:
+            continue
+        # A hash start keeps a host's address independent of which other hosts exist; probing resolves
+        # collisions. Addresses ending in .0 or .255 are skipped: some stacks treat them specially.
+        i = int.from_bytes(hashlib.sha256(h.encode()).digest()[:4], "big") % size
+        for _ in range(size):
+            addr = str(ipaddress.IPv4Address(base + i))
+            if addr not in used and not addr.endswith((".0", ".255")):
+                break
+            i = (i + 1) % size
+        else:
+            raise RuntimeError("VIP range 240.240.0.0/16 exhausted")
+        out[h] = addr
+        used.add(addr)
+    return out
+
+
+def _is_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def mesh_services(
+    snapshot: MeshSnapshot, *, vips: Mapping[str, str], domain_suffix: str = "cluster.local"
+) -> list[MeshService]:
+    """Every service the mesh knows; ``vips`` are used for address-less ServiceEntries."""
+    out: list[MeshService] = []
+    for svc in snapshot.of_kind(Service):
+        ports = tuple(
+            MeshPort(
+                p.port,
+                p.name,
+                _protocol_from_name(p.name, p.app_protocol) if p.protocol == "TCP" else p.protocol,
+                p.target_port,
+            )
+            for p in svc.ports
+        )
+        addrs: tuple[str, ...] = (svc.cluster_ip,) if svc.cluster_ip and svc.cluster_ip != "None" else ()
+        out.append(
+            MeshService(
+                host=f"{svc.meta.name}.{svc.meta.namespace}.svc.{domain_suffix}",
+                name=svc.meta.name,
+                namespace=svc.meta.namespace,
+                registry="Kubernetes",
+                addresses=addrs,
+                ports=ports,
+                resolution="PASSTHROUGH" if svc.headless else "EDS",
+                headless=svc.headless,
+                source=svc,
+            )
+        )
+    for se in snapshot.of_kind(ServiceEntry):
+        se_ports = tuple(MeshPort(p.number, p.name, p.protocol, p.target_port) for p in se.ports)
+        resolution = {"STATIC": "EDS", "NONE": "PASSTHROUGH"}.get(se.resolution, se.resolution)
+        for host in se.hosts:
+            addrs = tuple(a for a in se.addresses if _is_ip(a))
+            if not se.addresses and host in vips:
+                addrs = (vips[host],)
+            out.append(
+                MeshService(
+                    host=host,
+                    name=se.meta.name,
+                    namespace=se.meta.namespace,
+                    registry="External",
+                    addresses=addrs,
+                    ports=se_ports,
+                    resolution=resolution,
+                    headless=False,
+                    source=se,
+                )
+            )
+    return out
+
+
+def _selector(svc: MeshService) -> Mapping[str, str] | None:
+    """The labels picking WorkloadEntries as endpoints; None when the service does not select any."""
+    if isinstance(svc.source, Service):
+        return svc.source.selector or None
+    return svc.source.workload_selector
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def endpoint_healthy(we: WorkloadEntry) -> bool:
+    """Health-checked entries need a True Healthy condition; others are out only when marked False."""
+    cond = we.condition("Healthy")
+    if we.meta.annotations.get(HEALTH_CHECKS_ANNOTATION, "").lower() in ("true", "1", "t"):
+        return cond is not None and cond.status == "True"
+    return cond is None or cond.status != "False"
+
+
+def _spiffe(trust_domain: str, namespace: str, sa: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{sa}"
+
+
+def _endpoint_port(port: MeshPort, ports: Mapping[str, int]) -> int:
+    if port.name in ports:
+        return ports[port.name]
+    if isinstance(port.target_port, int):
+        return port.target_port
+    if isinstance(port.target_port, str) and port.target_port in ports:
+        return ports[port.target_port]
+    return port.number
+
+
+def service_endpoints(
+    snapshot: MeshSnapshot, svc: MeshService, port: MeshPort, *, trust_domain: str, healthy_only: bool = True
+) -> list[Endpoint]:
+    """The endpoints of one service port, in a stable order."""
+    out: list[Endpoint] = []
+    selector = _selector(svc)
+    if selector is not None:
+        for we in snapshot.of_kind(WorkloadEntry):
+            if we.meta.namespace != svc.namespace or not _selects(selector, we.spec.labels):
+                continue
+            if healthy_only and not endpoint_healthy(we):
+                continue
+            if (
+                isinstance(svc.source, Service)
+                and isinstance(port.target_port, str)
+                and port.target_port not in we.spec.ports
+                and port.name not in we.spec.ports
+            ):
+                continue
+            out.append(
+                Endpoint(
+                    address=we.spec.address,
+                    port=_endpoint_port(port, we.spec.ports),
+                    labels=we.spec.labels,
+                    locality=we.spec.locality,
+                    weight=we.spec.weight,
+                    identity=_spiffe(trust_domain, we.meta.namespace, we.spec.service_account),
+                    network=we.spec.network,
+                )
+            )
+    if isinstance(svc.source, ServiceEntry):
+        for ep in svc.source.endpoints:
+            ports = ep.get("ports") or {}
+            labels = ep.get("labels") or {}
+            mesh = labels.get(TLS_MODE_LABEL) == "istio"
+            sa = ep.get("serviceAccount") or "default"
+            out.append(
+                Endpoint(
+                    address=str(ep.get("address", "")),
+                    port=_endpoint_port(port, ports),
+                    labels=labels,
+                    locality=str(ep.get("locality", "")),
+                    weight=int(ep.get("weight", 0)),
+                    identity=_spiffe(trust_domain, svc.namespace, sa) if mesh else None,
+                    network=str(ep.get("network", "")),
+                )
+            )
+    return out
+
+
+def own_workload(snapshot: MeshSnapshot, proxy: ProxyView) -> tuple[str, WorkloadEntrySpec] | None:
+    """(namespace, spec) of the workload this proxy stands for: its WorkloadEntry, else its group's template."""
+    wanted = proxy.metadata.get("WORKLOAD_ENTRY")
+    for we in snapshot.of_kind(WorkloadEntry):
+        if we.meta.namespace != proxy.namespace:
+            continue
+        if (wanted and we.meta.name == wanted) or (not wanted and we.spec.address in proxy.ips):
+            return we.meta.namespace, we.spec
+    group = proxy.metadata.get("AUTO_REGISTER_GROUP")
+    if group and proxy.ips:
+        wg = snapshot.get(WorkloadGroup, proxy.namespace, str(group))
+        if wg is not None:
+            # Before registration completes the entry does not exist yet; answer with what it will be.
+            t = wg.template
+            labels = {**t.labels, **wg.group_labels, **proxy.labels}
+            labels.pop("istio-locality", None)
+            spec = WorkloadEntrySpec(proxy.ips[0], t.ports, labels, t.network, t.locality, t.weight, t.service_account)
+            return proxy.namespace, spec
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Envoy JSON builders
+
+
+def _sds(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {
+            "api_config_source": {
+                "api_type": "GRPC",
+                "set_node_on_first_message_only": True,
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
+            },
+            "initial_fetch_timeout": "0s",
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _common_tls(alpn: Iterable[str], sans: Iterable[str] = ()) -> dict[str, Any]:
+    default_ctx: dict[str, Any] = {}
+    sans = sorted(set(sans))
+    if sans:
+        default_ctx["match_typed_subject_alt_names"] = [{"san_type": "URI", "matcher": {"exact": s}} for s in sans]
+    return {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
+        "alpn_protocols": list(alpn),
+        "tls_certificate_sds_secret_configs": [_sds(SECRET_CERT)],
+        "combined_validation_context": {
+            "default_validation_context": default_ctx,
+            "validation_context_sds_secret_config": _sds(SECRET_ROOT),
+        },
+    }
+
+
+def _upstream_tls(sni: str, sans: Iterable[str]) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": _T["utls"], "common_tls_context": _common_tls(CLIENT_ALPN, sans), "sni": sni},
+    }
+
+
+def _downstream_tls() -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _T["dtls"],
+            "common_tls_context": _common_tls(SERVER_ALPN),
+            "require_client_certificate": True,
+        },
+    }
+
+
+def _ads() -> dict[str, Any]:
+    return {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}
+
+
+def _sock(address: str, port: int) -> dict[str, Any]:
+    if address.startswith("unix://"):
+        return {"pipe": {"path": address.removeprefix("unix://")}}
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _h2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": _T["hpo"],
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": _T["tcp"], "stat_prefix": stat_prefix, "cluster": cluster},
+    }
+
+
+def _router() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _T["router"]}}
+
+
+def _route_to(cluster: str) -> dict[str, Any]:
+    return {
+        "name": "default",
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": cluster,
+            "timeout": "0s",
+            "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"},
+        },
+    }
+
+
+def _hcm_inbound(port: int) -> dict[str, Any]:
+    cluster = f"inbound|{port}||"
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _T["hcm"],
+            "stat_prefix": f"inbound_0.0.0.0_{port}",
+            "codec_type": "AUTO",
+            "route_config": {
+                "name": cluster,
+                "validate_clusters": False,
+                "virtual_hosts": [{"name": f"inbound|http|{port}", "domains": ["*"], "routes": [_route_to(cluster)]}],
+            },
+            "http_filters": [_router()],
+            "use_remote_address": False,
+            "normalize_path": True,
+            "server_name": "istio-envoy",
+            # The application learns the caller's SPIFFE identity from this header, as behind istiod.
+            "forward_client_cert_details": "APPEND_FORWARD",
+            "set_current_client_cert_details": {"subject": True, "dns": True, "uri": True},
+        },
+    }
+
+
+def _hcm_outbound(port: int, bind: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _T["hcm"],
+            "stat_prefix": f"outbound_{bind}_{port}",
+            "codec_type": "AUTO",
+            "rds": {"config_source": _ads(), "route_config_name": str(port)},
+            "http_filters": [_router()],
+            "use_remote_address": False,
+            "normalize_path": True,
+        },
+    }
+
+
+def _outbound_name(port: int, host: str) -> str:
+    return f"outbound|{port}||{host}"
+
+
+def _pack(msg: Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _parse(d: dict[str, Any], msg: Message) -> Message:
+    json_format.ParseDict(d, msg)
+    return msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class _Out:
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    listeners: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _base_clusters(out: _Out) -> None:
+    out.clusters[BLACKHOLE] = {"name": BLACKHOLE, "type": "STATIC", "connect_timeout": "10s"}
+    out.clusters[PASSTHROUGH] = {
+        "name": PASSTHROUGH,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "10s",
+    }
+    out.clusters[INBOUND_PASSTHROUGH] = {
+        "name": INBOUND_PASSTHROUGH,
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "10s",
+        # 127.0.0.6 marks the proxy's own inbound traffic so capture rules let it reach the app.
+        "upstream_bind_config": {"source_address": {"address": "127.0.0.6", "port_value": 0}},
+    }
+
+
+def _cla(name: str, eps: list[Endpoint]) -> dict[str, Any]:
+    by_locality: dict[str, list[dict[str, Any]]] = {}
+    for ep in eps:
+        if not (ep.address.startswith("unix://") or _is_ip(ep.address)):
+            continue  # EDS cannot carry host names
+        lb: dict[str, Any] = {
+            "endpoint": {"address": _sock(ep.address, ep.port)},
+            "load_balancing_weight": ep.weight or 1,
+        }
+        if ep.identity is not None:
+            lb["metadata"] = {"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}}
+        by_locality.setdefault(ep.locality, []).append(lb)
+    groups = []
+    for loc, lbs in sorted(by_locality.items()):
+        g: dict[str, Any] = {"lb_endpoints": lbs, "load_balancing_weight": sum(x["load_balancing_weight"] for x in lbs)}
+        parts = loc.split("/") if loc else []
+        if parts:
+            g["locality"] = dict(zip(("region", "zone", "sub_zone"), parts, strict=False))
+        groups.append(g)
+    return {"cluster_name": name, "endpoints": groups}
+
+
+def _outbound_cluster(svc: MeshService, port: MeshPort, eps: list[Endpoint]) -> dict[str, Any]:
+    name = _outbound_name(port.number, svc.host)
+    c: dict[str, Any] = {"name": name, "connect_timeout": "10s", "lb_policy": "ROUND_ROBIN"}
+    if svc.resolution == "EDS":
+        c["type"] = "EDS"
+        c["eds_cluster_config"] = {"eds_config": _ads(), "service_name": name}
+    elif svc.resolution in ("DNS", "DNS_ROUND_ROBIN"):
+        c["type"] = "STRICT_DNS" if svc.resolution == "DNS" else "LOGICAL_DNS"
+        c["dns_lookup_family"] = "V4_ONLY"
+        targets = [(e.address, e.port) for e in eps] or [
+            (svc.host, port.target_port if isinstance(port.target_port, int) else port.number)
+        ]
+        if c["type"] == "LOGICAL_DNS":
+            targets = targets[:1]
+        c["load_assignment"] = {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _sock(a, p)}} for a, p in targets]}],
+        }
+    else:
+        c["type"] = "ORIGINAL_DST"
+        c["lb_policy"] = "CLUSTER_PROVIDED"
+    if port.protocol in H2_PROTOCOLS:
+        c["typed_extension_protocol_options"] = _h2_options()
+    mesh_capable = svc.resolution == "EDS" and (
+        isinstance(svc.source, Service) or svc.source.workload_selector is not None or any(e.identity for e in eps)
+    )
+    if mesh_capable:
+        sans = [e.identity for e in eps if e.identity]
+        sni = f"outbound_.{port.number}_._.{svc.host}"
+        c["transport_socket_matches"] = [
+            {"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": _upstream_tls(sni, sans)},
+            {
+                "name": "tlsMode-disabled",
+                "match": {},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {"@type": _T["raw"]},
+                },
+            },
+        ]
+    return c
+
+
+def _inbound_ports(snapshot: MeshSnapshot, proxy: ProxyView, services: list[MeshService]) -> list[MeshPort]:
+    """The ports the proxy's own workload serves, as (endpoint port, protocol)."""
+    own = own_workload(snapshot, proxy)
+    if own is None:
+        return []
+    ns, spec = own
+    found: dict[int, MeshPort] = {}
+    for svc in services:
+        if svc.namespace != ns:
+            continue
+        selector = _selector(svc)
+        if selector is None or not _selects(selector, spec.labels):
+            continue
+        for p in svc.ports:
+            if p.protocol == "UDP":
+                continue
+            n = _endpoint_port(p, spec.ports)
+            found.setdefault(n, MeshPort(n, p.name, p.protocol, n))
+    for pname, n in sorted(spec.ports.items()):
+        found.setdefault(n, MeshPort(n, pname, _protocol_from_name(pname), n))
+    return [found[n] for n in sorted(found)]
+
+
+def _own_hosts(snapshot: MeshSnapshot, proxy: ProxyView, services: list[MeshService]) -> set[str]:
+    """Services that select this proxy's own workload: in NONE mode its app already serves them."""
+    own = own_workload(snapshot, proxy)
+    if own is None:
+        return set()
+    ns, spec = own
+    hosts: set[str] = set()
+    for svc in services:
+        selector = _selector(svc)
+        if svc.namespace == ns and selector is not None and _selects(selector, spec.labels):
+            hosts.add(svc.host)
+    return hosts
+
+
+def _vhost_domains(svc: MeshService, port: int, proxy_ns: str, domain_suffix: str) -> list[str]:
+    names = [svc.host]
+    if svc.registry == "Kubernetes":
+        base = f"{svc.name}.{svc.namespace}"
+        names += [f"{base}.svc", base]
+        if svc.namespace == proxy_ns:
+            names.append(svc.name)
+    names += list(svc.addresses)
+    out: list[str] = []
+    for n in names:
+        out += [n, f"[{n}]:{port}" if ":" in n else f"{n}:{port}"]
+    return out
+
+
+def generate(
+    snapshot: MeshSnapshot,
+    proxy: ProxyView,
+    *,
+    trust_domain: str,
+    vips: Mapping[str, str],
+    domain_suffix: str = "cluster.local",
+) -> dict[str, dict[str, any_pb2.Any]]:
+    """type_url → resource name → packed resource (CDS, EDS, LDS, RDS) for one proxy."""
+    if proxy.interception_mode not in ("REDIRECT", "NONE"):
+        raise ValueError(f"ProxyView.interception_mode: expected REDIRECT or NONE, got {proxy.interception_mode!r}")
+    none_mode = proxy.interception_mode == "NONE"
+    # Auto-allocated VIPs are only for proxies that resolve names through the agent (like istiod).
+    services = mesh_services(snapshot, vips=vips if proxy.dns_capture else {}, domain_suffix=domain_suffix)
+    out = _Out()
+    _base_clusters(out)
+
+    # Outbound clusters and endpoints.
+    http_by_port: dict[int, list[MeshService]] = {}
+    tcp_by_port: dict[int, list[MeshService]] = {}
+    for svc in services:
+        for port in svc.ports:
+            if port.protocol == "UDP":
+                continue
+            eps = service_endpoints(snapshot, svc, port, trust_domain=trust_domain)
+            cluster = _outbound_cluster(svc, port, eps)
+            out.clusters[cluster["name"]] = cluster
+            if cluster["type"] == "EDS":
+                out.endpoints[cluster["name"]] = _cla(cluster["name"], eps)
+            (http_by_port if port.protocol in HTTP_PROTOCOLS else tcp_by_port).setdefault(port.number, []).append(svc)
+
+    inbound = _inbound_ports(snapshot, proxy, services)
+    for p in inbound:
+        name = f"inbound|{p.number}||"
+        c: dict[str, Any] = {"name": name, "connect_timeout": "10s"}
+        if none_mode:
+            c["type"] = "STATIC"
+            c["load_assignment"] = {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _sock("127.0.0.1", p.number)}}]}],
+            }
+        else:
+            c["type"] = "ORIGINAL_DST"
+            c["lb_policy"] = "CLUSTER_PROVIDED"
+            c["upstream_bind_config"] = {"source_address": {"address": "127.0.0.6", "port_value": 0}}
+        if p.protocol in H2_PROTOCOLS:
+            c["typed_extension_protocol_options"] = _h2_options()
+        out.clusters[name] = c
+
+    if none_mode:
+        _listeners_none(out, snapshot, proxy, services, inbound, http_by_port, tcp_by_port, domain_suffix)
+    else:
+        _listeners_redirect(out, proxy, inbound, http_by_port, tcp_by_port, domain_suffix)
+
+    result: dict[str, dict[str, any_pb2.Any]] = {
+        CLUSTER_TYPE_URL: {},
+        ENDPOINT_TYPE_URL: {},
+        LISTENER_TYPE_URL: {},
+        ROUTE_TYPE_URL: {},
+    }
+    for n, d in out.clusters.items():
+        result[CLUSTER_TYPE_URL][n] = _pack(_parse(d, cluster_pb2.Cluster()))
+    for n, d in out.endpoints.items():
+        result[ENDPOINT_TYPE_URL][n] = _pack(_parse(d, endpoint_pb2.ClusterLoadAssignment()))
+    for n, d in out.listeners.items():
+        result[LISTENER_TYPE_URL][n] = _pack(_parse(d, listener_pb2.Listener()))
+    for n, d in out.routes.items():
+        result[ROUTE_TYPE_URL][n] = _pack(_parse(d, route_pb2.RouteConfiguration()))
+    return result
+
+
+def _route_config(
+    port: int, svcs: list[MeshService], proxy_ns: str, domain_suffix: str, fallback: str
+) -> dict[str, Any]:
+    used: set[str] = set()
+    vhosts = []
+    for svc in sorted(svcs, key=lambda s: (s.namespace != proxy_ns, s.host)):
+        domains = [d for d in _vhost_domains(svc, port, proxy_ns, domain_suffix) if d not in used]
+        if not domains:
+            continue
+        used.update(domains)
+        vhosts.append(
+            {"name": f"{svc.host}:{port}", "domains": domains, "routes": [_route_to(_outbound_name(port, svc.host))]}
+        )
+    vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [_route_to(fallback)]})
+    return {"name": str(port), "virtual_hosts": vhosts, "validate_clusters": False}
+
+
+def _inbound_chain(p: MeshPort, *, match: dict[str, Any] | None) -> dict[str, Any]:
+    name = f"inbound|{p.number}||"
+    filt = _hcm_inbound(p.number) if p.protocol in HTTP_PROTOCOLS else _tcp_proxy(name, name)
+    chain: dict[str, Any] = {"name": name, "transport_socket": _downstream_tls(), "filters": [filt]}
+    if match is not None:
+        chain["filter_chain_match"] = match
+    return chain
+
+
+def _listeners_redirect(
+    out: _Out,
+    proxy: ProxyView,
+    inbound: list[MeshPort],
+    http_by_port: dict[int, list[MeshService]],
+    tcp_by_port: dict[int, list[MeshService]],
+    domain_suffix: str,
+) -> None:
+    out.listeners["virtualOutbound"] = {
+        "name": "virtualOutbound",
+        "address": _sock("0.0.0.0", VIRTUAL_OUTBOUND_PORT),
+        "use_original_dst": True,
+        "traffic_direction": "OUTBOUND",
+        "filter_chains": [{"name": "virtualOutbound-catchall-tcp", "filters": [_tcp_proxy(PASSTHROUGH, PASSTHROUGH)]}],
+    }
+    chains = [_inbound_chain(p, match={"destination_port": p.number, "transport_protocol": "tls"}) for p in inbound]
+    chains.append(
+        {
+            "name": "virtualInbound-blackhole",
+            "filter_chain_match": {"destination_port": VIRTUAL_INBOUND_PORT},
+            "filters": [_tcp_proxy(BLACKHOLE, BLACKHOLE)],
+        }
+    )
+    chains.append(
+        {"name": "virtualInbound-catchall-tcp", "filters": [_tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH)]}
+    )
+    out.listeners["virtualInbound"] = {
+        "name": "virtualInbound",
+        "address": _sock("0.0.0.0", VIRTUAL_INBOUND_PORT),
+        "traffic_direction": "INBOUND",
+        "listener_filters": [
+            {"name": "envoy.filters.listener.original_dst", "typed_config": {"@type": _T["odst"]}},
+            {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": _T["tlsi"]}},
+        ],
+        "filter_chains": chains,
+    }
+    for port, svcs in sorted(http_by_port.items()):
+        if port in (VIRTUAL_OUTBOUND_PORT, VIRTUAL_INBOUND_PORT):
+            continue
+        name = f"0.0.0.0_{port}"
+        out.routes[str(port)] = _route_config(port, svcs, proxy.namespace, domain_suffix, PASSTHROUGH)
+        out.listeners[name] = {
+            "name": name,
+            "address": _sock("0.0.0.0", port),
+            "bind_to_port": False,
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [{"filters": [_hcm_outbound(port, "0.0.0.0")]}],
+        }
+    for port, svcs in sorted(tcp_by_port.items()):
+        sni: list[dict[str, Any]] = []
+        for svc in sorted(svcs, key=lambda s: s.host):
+            cluster = _outbound_name(port, svc.host)
+            v4 = [a for a in svc.addresses if ipaddress.ip_address(a).version == 4]
+            if v4:
+                for addr in v4:
+                    name = f"{addr}_{port}"
+                    if name in out.listeners:
+                        continue
+                    out.listeners[name] = {
+                        "name": name,
+                        "address": _sock(addr, port),
+                        "bind_to_port": False,
+                        "traffic_direction": "OUTBOUND",
+                        "filter_chains": [{"filters": [_tcp_proxy(cluster, cluster)]}],
+                    }
+            elif next((p for p in svc.ports if p.number == port), None) is not None and any(
+                p.number == port and p.protocol in ("TLS", "HTTPS") for p in svc.ports
+            ):
+                sni.append(
+                    {
+                        "filter_chain_match": {"server_names": [svc.host], "transport_protocol": "tls"},
+                        "filters": [_tcp_proxy(cluster, cluster)],
+                    }
+                )
+        if sni:
+            name = f"0.0.0.0_{port}"
+            if name in out.listeners:
+                # An HTTP listener already owns the wildcard address; TLS by SNI goes in front of it.
+                out.listeners[name]["filter_chains"] = sni + out.listeners[name]["filter_chains"]
+                out.listeners[name]["listener_filters"] = [
+                    {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": _T["tlsi"]}}
+                ]
+            else:
+                out.listeners[name] = {
+                    "name": name,
+                    "address": _sock("0.0.0.0", port),
+                    "bind_to_port": False,
+                    "traffic_direction": "OUTBOUND",
+                    "listener_filters": [
+                        {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": _T["tlsi"]}}
+                    ],
+                    "filter_chains": [
+                        *sni,
+                        {"name": "PassthroughFilterChain", "filters": [_tcp_proxy(PASSTHROUGH, PASSTHROUGH)]},
+                    ],
+                }
+
+
+def _listeners_none(
+    out: _Out,
+    snapshot: MeshSnapshot,
+    proxy: ProxyView,
+    services: list[MeshService],
+    inbound: list[MeshPort],
+    http_by_port: dict[int, list[MeshService]],
+    tcp_by_port: dict[int, list[MeshService]],
+    domain_suffix: str,
+) -> None:
+    own = own_workload(snapshot, proxy)
+    instance_ip = (
+        own[1].address if own is not None and own[1].address in proxy.ips else (proxy.ips[0] if proxy.ips else "")
+    )
+    for p in inbound:
+        if not instance_ip:
+            break
+        name = f"{instance_ip}_{p.number}"
+        out.listeners[name] = {
+            "name": name,
+            "address": _sock(instance_ip, p.number),
+            "traffic_direction": "INBOUND",
+            "filter_chains": [_inbound_chain(p, match=None)],
+        }
+    own_hosts = _own_hosts(snapshot, proxy, services)
+    # The local app listens on its own ports (on loopback or the wildcard address); binding them
+    # again on 127.0.0.1 would fail.
+    taken = {p.number for p in inbound}
+    ports = sorted(set(http_by_port) | set(tcp_by_port))
+    for port in ports:
+        if port in RESERVED_PORTS or port in taken:
+            continue
+        # Pass-through services (headless, resolution NONE) would send the connection back to the
+        # loopback address it arrived on.
+        http = [s for s in http_by_port.get(port, []) if s.host not in own_hosts and s.resolution != "PASSTHROUGH"]
+        tcp = [s for s in tcp_by_port.get(port, []) if s.host not in own_hosts and s.resolution != "PASSTHROUGH"]
+        candidates = sorted(
+            http + tcp, key=lambda s: (s.namespace != proxy.namespace, s.registry != "Kubernetes", s.host)
+        )
+        if not candidates:
+            continue
+        # Without capture a loopback port can stand for only one service: the closest one wins
+        # (same namespace, then Kubernetes over ServiceEntry); HTTP still routes others by Host.
+        primary = candidates[0]
+        cluster = _outbound_name(port, primary.host)
+        name = f"127.0.0.1_{port}"
+        if primary in http:
+            out.routes[str(port)] = _route_config(port, http, proxy.namespace, domain_suffix, cluster)
+            filt = _hcm_outbound(port, "127.0.0.1")
+        else:
+            filt = _tcp_proxy(cluster, cluster)
+        if len(candidates) > 1:
+            log.debug(
+                "port %d on loopback stands for %s; also wanted by %s",
+                port,
+                primary.host,
+                [s.host for s in candidates[1:]],
+            )
+        out.listeners[name] = {
+            "name": name,
+            "address": _sock("127.0.0.1", port),
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [{"filters": [filt]}],
+        }
