@@ -39,6 +39,8 @@ class AdsStream:
     sent_names: dict[str, set[str]] = field(default_factory=dict)
     nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     done: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set whenever a request arrives (the benchmark clears it and waits for an ACK)."""
 
     def next_nonce(self) -> str:
         return f"n{next(self.nonces)}"
@@ -180,6 +182,7 @@ class AdsServer:
                     stream.close()
                     return
                 stream.requests.append(req)
+                stream.arrived.set()
                 if req.type_url in self.resources and req.type_url not in stream.subscribed:
                     stream.subscribed.add(req.type_url)
                     if req.type_url not in self.held:

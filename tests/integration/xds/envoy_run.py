@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,59 @@ from tests.helpers.net import free_port
 NODE_ID = "sidecar~127.0.0.1~vm.vm-ns~vm-ns.svc.cluster.local"
 
 
-def bootstrap(socket_path: Path, admin_port: int, api_type: str) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class DirectXds:
+    """Dial the ADS server straight over TLS instead of the proxy's socket (the benchmark's baseline)."""
+
+    host: str
+    port: int
+    root_cert: Path
+    server_name: str
+
+
+def _xds_cluster(socket_path: Path | None, direct: DirectXds | None) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": "xds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+    if direct is None:
+        address: dict[str, Any] = {"pipe": {"path": str(socket_path)}}
+    else:
+        address = {"socket_address": {"address": direct.host, "port_value": direct.port}}
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": direct.server_name,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(direct.root_cert)},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": direct.server_name}}
+                        ],
+                    },
+                },
+            },
+        }
+    cluster["load_assignment"] = {
+        "cluster_name": "xds-grpc",
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+    }
+    return cluster
+
+
+def bootstrap(
+    socket_path: Path | None, admin_port: int, api_type: str, direct: DirectXds | None = None, stats: bool = True
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
         "node": {"id": NODE_ID, "cluster": "vm.vm-ns"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
@@ -40,28 +92,11 @@ def bootstrap(socket_path: Path, admin_port: int, api_type: str) -> dict[str, An
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "xds-grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "xds-grpc",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket_path)}}}}]}
-                        ],
-                    },
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": [_xds_cluster(socket_path, direct)]},
     }
+    if not stats:
+        doc["stats_config"] = {"stats_matcher": {"reject_all": True}}
+    return doc
 
 
 class RunningEnvoy:
@@ -105,11 +140,20 @@ class RunningEnvoy:
 
 
 @contextlib.asynccontextmanager
-async def running_envoy(tmp_path: Path, socket_path: Path, api_type: str) -> AsyncIterator[RunningEnvoy]:
+async def running_envoy(
+    tmp_path: Path,
+    socket_path: Path | None,
+    api_type: str,
+    *,
+    direct: DirectXds | None = None,
+    debug_config: bool = True,
+    stats: bool = True,
+    name: str = "envoy",
+) -> AsyncIterator[RunningEnvoy]:
     admin_port = free_port()
-    config = tmp_path / "envoy.json"
-    config.write_text(json.dumps(bootstrap(socket_path, admin_port, api_type)))
-    log_path = tmp_path / "envoy.log"
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(bootstrap(socket_path, admin_port, api_type, direct, stats)))
+    log_path = tmp_path / f"{name}.log"
     log_file = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         str(find_envoy_binary()),
@@ -122,8 +166,7 @@ async def running_envoy(tmp_path: Path, socket_path: Path, api_type: str) -> Asy
         "warning",
         # config:debug logs the type URL of every response Envoy receives; tests read it to prove what
         # reached Envoy and what did not.
-        "--component-log-level",
-        "config:debug",
+        *(["--component-log-level", "config:debug"] if debug_config else []),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         # stderr, unlike --log-path, is written line by line, so the log is current when a test reads it.
