@@ -94,7 +94,14 @@ class NetNs:
 
 def _make(name: str) -> NetNs:
     sh("ip", "netns", "add", name)
-    ns = NetNs(name)
+    try:
+        return _wire(NetNs(name))
+    except BaseException:
+        sh("ip", "netns", "del", name, check=False)
+        raise
+
+
+def _wire(ns: NetNs) -> NetNs:
     ns.run("ip", "link", "set", "lo", "up")
     # A veth pair with its far end unaddressed: a routable NIC where nothing ever answers (this
     # kernel has no dummy driver), so only a redirect can make a connection to 10.200.0.0/24 work.

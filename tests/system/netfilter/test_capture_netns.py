@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from tests.system.netfilter.conftest import NetNs, require_tools
-from vm_agent.netfilter import CaptureSettings, apply, cleanup, run_command, show
+from vm_agent.netfilter import CaptureSettings, NetfilterError, apply, cleanup, run_command, show
+from vm_agent.netfilter.backend import _run
 
 pytestmark = [pytest.mark.system]
 
@@ -159,3 +160,23 @@ def test_run_command_prints_and_reports_errors(netns: NetNs, capsys: pytest.Capt
     assert run_command("apply", settings, "nft", netns=netns.name + "-gone") == 1
     err = capsys.readouterr().err
     assert re.search(r"`ip netns exec \S+-gone nft -f -` failed with exit code \d+: .+", err), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "script", "quoted"),
+    [
+        (["iptables-restore", "--noflush"], "*nat\n:VMAGENT_X - [0:0]\n-A VMAGENT_NOPE -j RETURN\nCOMMIT\n", 3),
+        (["nft", "-f", "-"], "table inet vm_agent {\n\tchain c {\n\t\tnonsense here\n\t}\n}\n", 3),
+    ],
+    ids=["iptables-restore", "nft"],
+)
+def test_a_rejected_script_is_reported_with_command_and_line(
+    netns: NetNs, argv: list[str], script: str, quoted: int
+) -> None:
+    require_tools(argv[0])
+    with pytest.raises(NetfilterError) as err:
+        _run(argv, netns.name, stdin=script)
+    message = str(err.value)
+    assert f"`ip netns exec {netns.name} {' '.join(argv)}` failed with exit code" in message
+    assert f"input line {quoted}: {script.splitlines()[quoted - 1]}" in message
+    assert installed(netns) == ""  # all or nothing: the failed transaction left no trace
