@@ -6,25 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+from google.protobuf import any_pb2
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
 from prometheus_client import Counter
 
 from vm_agent.logs import get_logger
+from vm_agent.mesh import xdsgen
+from vm_agent.mesh.ads import AdsService, Connection, Resources
 from vm_agent.mesh.auth import Authenticator, AuthError, Caller
+from vm_agent.mesh.autoreg import WorkloadEntryController
 from vm_agent.mesh.ca import CAError, MeshCA, resolve_ttl
+from vm_agent.mesh.manifests import ManifestsFolder
+from vm_agent.mesh.model import MeshSnapshot
 from vm_agent.mesh.settings import ISTIOD_HOST, MeshSettings, split_host_port
 from vm_agent.mesh.store import Key, ObjectStore, parse_yaml
 from vm_agent.mesh.tokens import ServiceAccountIssuer
 from vm_agent.metrics import REGISTRY
-from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, ca_pb2
+from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, NAME_TABLE_TYPE_URL, ca_pb2
 
 log = get_logger("mesh")
 
@@ -139,7 +145,72 @@ class MeshServer:
         self._plaintext_address: str | None = None
         self._admin_url: str | None = None
         self._issued: dict[str, int] = {}
-        self._services: list[Any] = [CertificateService(self)]
+        self.workload_entries_controller = WorkloadEntryController(
+            self.store, controller_name=settings.controller_name, grace_period_s=settings.grace_period_s
+        )
+        self.ads = AdsService(
+            authenticate=self.authenticate,
+            generate=self._generate,
+            hooks=self.workload_entries_controller,
+            version=self._push_version,
+        )
+        self._services: list[Any] = [CertificateService(self), self.ads]
+        self.manifests = (
+            ManifestsFolder(settings.manifests_dir, self.store, settings.manifests_poll_s)
+            if settings.manifests_dir
+            else None
+        )
+        self.vips: dict[str, str] = {}
+        self._snapshot: MeshSnapshot = self.store.snapshot()
+        self._pushes = 0
+        self.store.subscribe(self._on_store_change)
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _on_store_change(self, kinds: frozenset[str]) -> None:
+        self._snapshot = self.store.snapshot()
+        if self.settings.auto_allocate_vips:
+            self.vips = xdsgen.allocate_vips(self._snapshot, self.vips)
+        self.ads.notify_change()
+
+    def _push_version(self) -> str:
+        self._pushes += 1
+        return f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}/{self._pushes}"
+
+    def proxy_view(self, conn: Connection) -> xdsgen.ProxyView:
+        node = conn.node
+        assert node is not None
+        return xdsgen.ProxyView(
+            node_id=node.node_id,
+            ips=node.ips,
+            namespace=node.namespace,
+            service_account=node.service_account or None,
+            labels=node.labels,
+            dns_capture=node.dns_capture,
+            interception_mode=node.interception_mode,
+            # istiod fills an empty CLUSTER_ID with its own cluster.
+            cluster_id=node.cluster_id or self.settings.cluster_id,
+            metadata=node.metadata,
+        )
+
+    def _generate(self, conn: Connection) -> Resources:
+        snap = self._snapshot
+        if conn.gen_cache is not None and conn.gen_cache[0] == snap.version:
+            return conn.gen_cache[1]
+        proxy = self.proxy_view(conn)
+        try:
+            out = xdsgen.generate(snap, proxy, trust_domain=self.settings.trust_domain, vips=self.vips)
+            table = _name_table(snap, proxy, self.vips)
+        except Exception as e:
+            log.exception("xDS generation for %s failed", conn.conn_id)
+            if conn.gen_cache is not None:
+                return conn.gen_cache[1]  # keep what the proxy has
+            raise GRPCError(Status.INTERNAL, f"xDS generation failed: {e}") from e
+        if table is not None:
+            packed = any_pb2.Any()
+            packed.Pack(table)
+            out[NAME_TABLE_TYPE_URL] = {"": packed}
+        conn.gen_cache = (snap.version, out)
+        return out
 
     # -- addresses (valid once ``ready`` is set) --------------------------------------------------
     @property
@@ -194,6 +265,10 @@ class MeshServer:
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "ads": self.ads.snapshot(),
+            "workload_entries": self.workload_entries_controller.snapshot(),
+            "manifests": self.manifests.snapshot() if self.manifests else None,
+            "vips": dict(self.vips),
             "xds_address": self._xds_address,
             "plaintext_address": self._plaintext_address,
             "admin_url": self._admin_url,
@@ -221,6 +296,8 @@ class MeshServer:
         servers: list[Server] = []
         socks: list[socket.socket] = []
         try:
+            if self.manifests is not None:
+                self.manifests.reload()
             tls_sock = bind_socket(self.settings.listen, "listen")
             socks.append(tls_sock)
             tls = Server(self._services)
@@ -251,8 +328,9 @@ class MeshServer:
                 s.close()
 
     def _background(self) -> Iterator[Any]:
-        """Long-running companions started with the gRPC servers (filled in by later stages)."""
-        return iter(())
+        yield self.workload_entries_controller.run()
+        if self.manifests is not None:
+            yield self.manifests.run()
 
 
 def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:
@@ -263,5 +341,9 @@ def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:
     return out
 
 
-def default_settings(state_dir: Path, **overrides: Any) -> MeshSettings:
-    return MeshSettings(state_dir=state_dir, **overrides)
+def _name_table(snap: MeshSnapshot, proxy: xdsgen.ProxyView, vips: dict[str, str]) -> Any:
+    try:
+        from vm_agent.mesh.nametable import name_table
+    except ImportError:  # the NameTable generator has not landed yet
+        return None
+    return name_table(snap, proxy, vips=vips)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import ipaddress
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,32 +13,20 @@ from typing import Any
 import yaml
 
 from vm_agent.logs import get_logger
+from vm_agent.mesh.model import ManifestErrors, MeshObject, MeshSnapshot, parse_documents
 
 log = get_logger("mesh.store")
 
 Key = tuple[str, str, str]
 Doc = dict[str, Any]
 
-# kind → accepted apiVersions; Namespace is the only cluster-scoped kind.
-KINDS: dict[str, tuple[str, ...]] = {
-    "Namespace": ("v1",),
-    "ServiceAccount": ("v1",),
-    "Service": ("v1",),
-    "ServiceEntry": ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
-    "WorkloadGroup": ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
-    "WorkloadEntry": ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
-}
+__all__ = ["Doc", "Key", "ManifestErrors", "ObjectStore", "key_of", "parse_yaml", "rfc3339_nano"]
+
 CLUSTER_SCOPED = frozenset({"Namespace"})
 # Fields the server owns; a user's manifest never decides them and comparisons ignore them.
 SERVER_FIELDS = ("uid", "resourceVersion", "creationTimestamp", "generation")
-
-
-class ManifestError(ValueError):
-    """One or more problems, each naming file, object and field."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+# The API server's default service CIDR; Services without a clusterIP get one from here.
+SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
 
 
 def rfc3339_nano(t: dt.datetime | None = None) -> str:
@@ -54,67 +43,22 @@ def key_of(doc: Doc) -> Key:
     return kind, ns, str(meta.get("name", ""))
 
 
-def _where(source: str, index: int, doc: Any) -> str:
-    if isinstance(doc, dict):
-        kind, ns, name = key_of(doc)
-        obj = f"{kind or '?'} {ns + '/' if ns else ''}{name or '?'}"
-    else:
-        obj = "?"
-    return f"{source}: document {index + 1} ({obj})"
-
-
-def validate_doc(doc: Any, where: str) -> list[str]:
-    """Shape checks every object must pass before it can enter the store."""
-    if not isinstance(doc, dict):
-        return [f"{where}: expected a mapping with apiVersion, kind, metadata"]
-    problems: list[str] = []
-    kind = doc.get("kind")
-    if kind not in KINDS:
-        problems.append(f"{where}: field kind: {kind!r} is not one of {sorted(KINDS)}")
-        return problems
-    if doc.get("apiVersion") not in KINDS[kind]:
-        problems.append(f"{where}: field apiVersion: {doc.get('apiVersion')!r}, expected one of {list(KINDS[kind])}")
-    meta = doc.get("metadata")
-    if not isinstance(meta, dict):
-        problems.append(f"{where}: field metadata: expected a mapping with name")
-        return problems
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        problems.append(f"{where}: field metadata.name: required, a non-empty string")
-    for field in ("labels", "annotations"):
-        value = meta.get(field)
-        if value is not None and (
-            not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        ):
-            problems.append(f"{where}: field metadata.{field}: expected a map of strings to strings")
-    spec = doc.get("spec")
-    if spec is not None and not isinstance(spec, dict):
-        problems.append(f"{where}: field spec: expected a mapping")
-    return problems
-
-
 def parse_yaml(text: str, source: str) -> list[Doc]:
-    """Every document of a multi-document YAML/JSON text, validated; raises ManifestError."""
-    try:
-        raw = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise ManifestError([f"{source}: not valid YAML: {e}"]) from e
-    docs: list[Doc] = []
-    problems: list[str] = []
-    for i, doc in enumerate(raw):
+    """Every object of a multi-document YAML text (also ``kind: List``), validated by the model the way
+    the API server would; raises ManifestErrors naming file, object and field."""
+    parse_documents(text, source)
+    out: list[Doc] = []
+    for doc in yaml.safe_load_all(text):
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-            items = doc["items"]
-        else:
-            items = [doc]
-        for item in items:
-            where = _where(source, i, item)
-            found = validate_doc(item, where)
-            problems += found
-            if not found:
-                docs.append(item)
-    if problems:
-        raise ManifestError(problems)
-    return docs
+            out.extend(d for d in doc["items"] if d is not None)
+        elif doc is not None:
+            out.append(doc)
+    return out
+
+
+def _typed(doc: Doc) -> MeshObject:
+    objs = parse_documents(yaml.safe_dump(doc), "store")
+    return objs[0]
 
 
 def _user_view(doc: Doc) -> Doc:
@@ -132,6 +76,7 @@ Listener = Callable[[frozenset[str]], None]
 class ObjectStore:
     def __init__(self) -> None:
         self._objects: dict[Key, Doc] = {}
+        self._typed: dict[Key, MeshObject] = {}
         self._sources: dict[Key, str] = {}
         self._listeners: list[Listener] = []
         self._rv = 0
@@ -167,16 +112,47 @@ class ObjectStore:
             meta["generation"] = int(pm.get("generation", 1)) + (1 if changed_spec else 0)
             if "status" not in stored and "status" in previous:
                 stored["status"] = copy.deepcopy(previous["status"])
+        if key[0] == "Service":
+            spec = stored.setdefault("spec", {})
+            if not spec.get("clusterIP"):
+                old = (previous or {}).get("spec", {}).get("clusterIP")
+                spec["clusterIP"] = old or self._allocate_cluster_ip()
         return stored
+
+    def _allocate_cluster_ip(self) -> str:
+        used = {d.get("spec", {}).get("clusterIP") for k, d in self._objects.items() if k[0] == "Service"}
+        # .0 is the network, .1 is the kubernetes Service, .10 is usually DNS: start after them.
+        for offset in range(11, SERVICE_CIDR.num_addresses - 1):
+            ip = str(SERVICE_CIDR.network_address + offset)
+            if ip not in used:
+                return ip
+        raise RuntimeError(f"service CIDR {SERVICE_CIDR} exhausted")
+
+    def _store(self, key: Key, doc: Doc) -> None:
+        self._objects[key] = doc
+        self._typed[key] = _typed(doc)
+
+    def _drop(self, key: Key) -> None:
+        self._objects.pop(key, None)
+        self._typed.pop(key, None)
+        self._sources.pop(key, None)
+
+    def snapshot(self) -> MeshSnapshot:
+        return MeshSnapshot(self.version, dict(self._typed))
 
     def _put(self, doc: Doc, source: str | None) -> str | None:
         key = key_of(doc)
         previous = self._objects.get(key)
+        doc = copy.deepcopy(doc)
+        if key[1]:
+            doc.setdefault("metadata", {})["namespace"] = key[1]
+        if previous is not None and key[0] == "Service" and not (doc.get("spec") or {}).get("clusterIP"):
+            doc.setdefault("spec", {})["clusterIP"] = previous.get("spec", {}).get("clusterIP")
         if previous is not None and _user_view(previous) == _user_view(doc) and "status" not in doc:
             if source is not None:
                 self._sources[key] = source
             return None
-        self._objects[key] = self._stamp(key, doc, previous)
+        self._store(key, self._stamp(key, doc, previous))
         if source is not None:
             self._sources[key] = source
         return key[0]
@@ -194,8 +170,7 @@ class ObjectStore:
         kinds: set[str] = set()
         for key, src in list(self._sources.items()):
             if src.startswith(source_prefix) and key not in wanted and key in self._objects:
-                del self._objects[key]
-                del self._sources[key]
+                self._drop(key)
                 kinds.add(key[0])
         for d in docs:
             k = self._put(d, source_of(d))
@@ -205,17 +180,16 @@ class ObjectStore:
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         key: Key = (kind, "" if kind in CLUSTER_SCOPED else namespace, name)
-        if self._objects.pop(key, None) is None:
+        if key not in self._objects:
             return False
-        self._sources.pop(key, None)
+        self._drop(key)
         kinds = {kind}
         # Garbage collection through ownerReferences (an auto-registered WorkloadEntry goes with its group).
         uid_gone = {key}
         for k, d in list(self._objects.items()):
             owners = d.get("metadata", {}).get("ownerReferences") or []
             if any((o.get("kind"), k[1], o.get("name")) in uid_gone for o in owners if isinstance(o, dict)):
-                del self._objects[k]
-                self._sources.pop(k, None)
+                self._drop(k)
                 kinds.add(k[0])
         self._notify(kinds)
         return True
@@ -230,7 +204,7 @@ class ObjectStore:
         mutate(doc)
         if doc == current:
             return current
-        self._objects[key] = self._stamp(key, doc, current)
+        self._store(key, self._stamp(key, doc, current))
         self._notify({kind})
         return self._objects[key]
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from vm_agent.mesh.ca import CAError, MeshCA, SpiffeId, resolve_ttl
-from vm_agent.mesh.store import ManifestError, ObjectStore, parse_yaml, rfc3339_nano
+from vm_agent.mesh.store import ManifestErrors, ObjectStore, parse_yaml, rfc3339_nano
 from vm_agent.mesh.tokens import ServiceAccountIssuer, TokenError
 
 
@@ -111,11 +111,11 @@ def test_spiffe_parse() -> None:
 
 def test_manifest_errors_name_file_object_field() -> None:
     text = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {namespace: x}\n---\nkind: Gizmo\nmetadata: {name: g}\n"
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(ManifestErrors) as info:
         parse_yaml(text, "sa.yaml")
-    problems = info.value.problems
-    assert any("sa.yaml: document 1" in p and "metadata.name" in p for p in problems)
-    assert any("document 2 (Gizmo" in p and "field kind" in p for p in problems)
+    problems = [str(e) for e in info.value.errors]
+    assert any(p.startswith("sa.yaml: ServiceAccount x/?: metadata.name") for p in problems), problems
+    assert any("kind" in p and "Gizmo" in p for p in problems), problems
 
 
 def test_store_default_service_account_and_gc() -> None:
@@ -125,6 +125,46 @@ def test_store_default_service_account_and_gc() -> None:
     store.apply(parse_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: vm-ns}\n", "t"))
     assert store.service_account_exists("vm-ns", "default")
     assert not store.service_account_exists("vm-ns", "vm-sa")
+
+
+def test_store_assigns_cluster_ip_keeps_status_and_collects_owned() -> None:
+    store = ObjectStore()
+    seen: list[frozenset[str]] = []
+    store.subscribe(seen.append)
+    svc = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {ports: [{port: 80}]}\n"
+    store.apply(parse_yaml(svc, "t"))
+    ip = store.get("Service", "ns", "a")["spec"]["clusterIP"]  # type: ignore[index]
+    assert ip.startswith("10.9")
+    store.apply(parse_yaml(svc, "t"))  # unchanged: no new version, no notification, same IP
+    assert len(seen) == 1
+    assert store.get("Service", "ns", "a")["spec"]["clusterIP"] == ip  # type: ignore[index]
+    snap = store.snapshot()
+    assert ("Service", "ns", "a") in snap.objects
+    wg = (
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: g, namespace: ns}\n"
+        "spec: {template: {serviceAccount: sa}}\n"
+    )
+    store.apply(parse_yaml(wg, "t"))
+    uid = store.get("WorkloadGroup", "ns", "g")["metadata"]["uid"]  # type: ignore[index]
+    store.apply(
+        [
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "WorkloadEntry",
+                "metadata": {
+                    "name": "g-127.0.0.2",
+                    "namespace": "ns",
+                    "ownerReferences": [
+                        {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup", "name": "g", "uid": uid}
+                    ],
+                },
+                "spec": {"address": "127.0.0.2"},
+            }
+        ]
+    )
+    assert store.select("WorkloadEntry")
+    assert store.delete("WorkloadGroup", "ns", "g")
+    assert store.select("WorkloadEntry") == []
 
 
 def test_rfc3339_nano_trims_zeros() -> None:
