@@ -13,8 +13,10 @@ from vm_agent.netfilter.backend import (
     parse_iptables_save,
     run_command,
     show,
+    verify,
 )
 from vm_agent.netfilter.render import CHAIN_PREFIX, NFT_TABLE, render, render_iptables, render_nft
+from vm_agent.netfilter.service import CaptureService
 from vm_agent.netfilter.settings import (
     DEFAULT_AGENT_PORTS,
     CaptureSettings,
@@ -26,6 +28,7 @@ __all__ = [
     "CHAIN_PREFIX",
     "DEFAULT_AGENT_PORTS",
     "NFT_TABLE",
+    "CaptureService",
     "CaptureSettings",
     "CaptureSettingsError",
     "NetfilterError",
@@ -39,4 +42,5 @@ __all__ = [
     "run_command",
     "settings_from_env",
     "show",
+    "verify",
 ]

@@ -40,6 +40,7 @@ OPERATIONS = Counter(
 )
 
 _COMMAND_TIMEOUT = 30.0
+IPV6_PROBE_SOURCE = "::6/128"
 _NFT_TABLE_REF = f"{NFT_FAMILY} {NFT_TABLE}"
 
 
@@ -274,6 +275,10 @@ def apply(settings: CaptureSettings, backend: str = "auto", dry_run: bool = Fals
             text = _iptables_apply(settings, dry_run, netns)
             if not dry_run and _works(["nft", "list", "tables"], netns):
                 _nft_apply(None, False, netns)
+        if settings.ipv6 and not dry_run:
+            # IPv6 lo holds only ::1 (/128), so probes and Envoy's inbound passthrough could not
+            # bind the ::6 source the rules exempt; istio-iptables adds it the same way.
+            _run(["ip", "-6", "addr", "replace", IPV6_PROBE_SOURCE, "dev", "lo"], netns)
     except NetfilterError:
         OPERATIONS.labels("apply", chosen, "error").inc()
         raise
@@ -281,6 +286,60 @@ def apply(settings: CaptureSettings, backend: str = "auto", dry_run: bool = Fals
         OPERATIONS.labels("apply", chosen, "ok").inc()
         log.info("capture rules applied with %s (dns capture %s)", chosen, "on" if settings.redirect_dns else "off")
     return text
+
+
+def verify(settings: CaptureSettings, backend: str, *, netns: str | None = None) -> str | None:
+    """None when what is installed has the shape ``settings`` renders to, else what differs.
+
+    The shape is the chains and the number of rules in each (plus the jumps into them): both
+    tools print rules normalised (``-m tcp``, sorted sets), so comparing text would report drift
+    that is not there, while a flushed chain, a deleted table or a firewall reload is caught.
+    """
+    if backend == "nft":
+        listed = _nft_show(netns)
+        if not listed:
+            return f"table {_NFT_TABLE_REF} is missing"
+        want, have = _nft_shape(render_nft(settings)), _nft_shape(listed)
+        return None if want == have else f"table {_NFT_TABLE_REF} differs: expected {want}, found {have}"
+    for version in (4, 6):
+        desired = iptables_tables(settings, version)
+        try:
+            current = _iptables_state(version, netns)
+        except NetfilterError as err:
+            if desired:
+                return str(err)
+            continue
+        want_shape = {name: _table_shape(t.chains, t.rules) for name, t in desired.items()}
+        have_shape = {name: _table_shape(t.chains, t.jumps + t.rules) for name, t in current.items()}
+        if want_shape != have_shape:
+            return f"IPv{version} chains differ: expected {want_shape}, found {have_shape}"
+    return None
+
+
+def _table_shape(chains: Sequence[str], rules: Sequence[str]) -> dict[str, int]:
+    shape = dict.fromkeys(chains, 0)
+    for rule in rules:
+        words = rule.split()
+        chain = words[1]
+        if not _owned(chain):
+            chain = f"{chain}->{next(w for w in reversed(words) if _owned(w))}"
+        shape[chain] = shape.get(chain, 0) + 1
+    return shape
+
+
+def _nft_shape(text: str) -> dict[str, int]:
+    shape: dict[str, int] = {}
+    chain = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("chain ") and line.endswith("{"):
+            chain = line.split()[1]
+            shape[chain] = 0
+        elif line == "}":
+            chain = ""
+        elif chain and line and not line.startswith(("type ", "policy ")):
+            shape[chain] += 1
+    return shape
 
 
 def _have_iptables(netns: str | None) -> bool:
