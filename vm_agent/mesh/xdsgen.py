@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +82,6 @@ RESERVED_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15009, 15020, 150
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-Web"})
 H2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-Web"})
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
-HEALTH_CHECKS_ANNOTATION = "proxy.istio.io/health-checks-enabled"
 # What a mesh client offers and a mesh server accepts: the Istio markers first so that a server
 # that sees them knows its peer is a sidecar; the HTTP codec is sniffed, not negotiated.
 CLIENT_ALPN = ("istio-peer-exchange", "istio")
@@ -290,7 +291,7 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 def endpoint_healthy(we: WorkloadEntry) -> bool:
     """Health-checked entries need a True Healthy condition; others are out only when marked False."""
     cond = we.condition("Healthy")
-    if we.meta.annotations.get(HEALTH_CHECKS_ANNOTATION, "").lower() in ("true", "1", "t"):
+    if we.health_checked:
         return cond is not None and cond.status == "True"
     return cond is None or cond.status != "False"
 
@@ -519,15 +520,28 @@ def _outbound_name(port: int, host: str) -> str:
     return f"outbound|{port}||{host}"
 
 
-def _pack(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
+_PACKED: OrderedDict[tuple[str, str], any_pb2.Any] = OrderedDict()
+_PACKED_MAX = 50_000
 
 
-def _parse(d: dict[str, Any], msg: Message) -> Message:
+def _packed(d: dict[str, Any], cls: type[Message], type_url: str) -> any_pb2.Any:
+    """Parse and pack one resource; most resources are the same for every proxy, so remember them."""
+    k = (type_url, json.dumps(d, sort_keys=True, separators=(",", ":")))
+    hit = _PACKED.get(k)
+    if hit is not None:
+        _PACKED.move_to_end(k)
+        out = any_pb2.Any()
+        out.CopyFrom(hit)
+        return out
+    msg = cls()
     json_format.ParseDict(d, msg)
-    return msg
+    packed = any_pb2.Any(type_url=type_url, value=msg.SerializeToString(deterministic=True))
+    _PACKED[k] = packed
+    if len(_PACKED) > _PACKED_MAX:
+        _PACKED.popitem(last=False)
+    out = any_pb2.Any()
+    out.CopyFrom(packed)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -737,13 +751,13 @@ def generate(
         ROUTE_TYPE_URL: {},
     }
     for n, d in out.clusters.items():
-        result[CLUSTER_TYPE_URL][n] = _pack(_parse(d, cluster_pb2.Cluster()))
+        result[CLUSTER_TYPE_URL][n] = _packed(d, cluster_pb2.Cluster, CLUSTER_TYPE_URL)
     for n, d in out.endpoints.items():
-        result[ENDPOINT_TYPE_URL][n] = _pack(_parse(d, endpoint_pb2.ClusterLoadAssignment()))
+        result[ENDPOINT_TYPE_URL][n] = _packed(d, endpoint_pb2.ClusterLoadAssignment, ENDPOINT_TYPE_URL)
     for n, d in out.listeners.items():
-        result[LISTENER_TYPE_URL][n] = _pack(_parse(d, listener_pb2.Listener()))
+        result[LISTENER_TYPE_URL][n] = _packed(d, listener_pb2.Listener, LISTENER_TYPE_URL)
     for n, d in out.routes.items():
-        result[ROUTE_TYPE_URL][n] = _pack(_parse(d, route_pb2.RouteConfiguration()))
+        result[ROUTE_TYPE_URL][n] = _packed(d, route_pb2.RouteConfiguration, ROUTE_TYPE_URL)
     return result
 
 

@@ -305,3 +305,15 @@ def test_vips_skip_addressed_wildcard_and_passthrough() -> None:
 def test_ipv6_twin() -> None:
     assert ipv6_vip("240.240.1.2") == "2001:2::102"
     assert ipaddress.ip_address(ipv6_vip("240.240.255.254")) in ipaddress.ip_network("2001:2::/48")
+
+
+def test_generation_is_deterministic(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None:
+    """Same snapshot, same bytes: the server can version resources by their serialized form."""
+    vips = allocate_vips(snapshot, {})
+    first = generate(snapshot, vm_proxy, trust_domain=TD, vips=vips)
+    first[CLUSTER_TYPE_URL]["BlackHoleCluster"].value = b"tampered"  # callers own what they get
+    again = generate(MeshSnapshot(2, dict(snapshot.objects)), vm_proxy, trust_domain=TD, vips=vips)
+    first = generate(snapshot, vm_proxy, trust_domain=TD, vips=vips)
+    assert {t: {n: a.value for n, a in r.items()} for t, r in first.items()} == {
+        t: {n: a.value for n, a in r.items()} for t, r in again.items()
+    }
