@@ -202,23 +202,23 @@ class AdsService:
             log.warning("ADS stream from %s refused: %s", peer, e)
             raise GRPCError(Status.UNAUTHENTICATED, "authentication failure") from e
         conn = Connection(flavor, peer, caller)
-        registered = False
         try:
             async with asyncio.TaskGroup() as tg:
                 reader = tg.create_task(self._read(stream, conn))
                 try:
-                    registered = await self._loop(stream, conn)
+                    await self._loop(stream, conn)
                 finally:
                     reader.cancel()
         except* GRPCError as eg:
             raise eg.exceptions[0] from None
         finally:
+            # Registered streams only: a refused one never counted as connected.
             if conn.conn_id in self.connections:
                 del self.connections[conn.conn_id]
                 CONNECTED.dec()
-            if registered:
                 log.info("ADS %s stream %s closed", flavor, conn.conn_id)
-                with contextlib.suppress(Exception):
+                # Shielded: the handler is usually being cancelled (the proxy went away).
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(self._hooks.on_disconnect(conn))
 
     async def _read(self, stream: Stream[Any, Any], conn: Connection) -> None:
@@ -232,13 +232,13 @@ class AdsService:
         except (GRPCError, ConnectionError, asyncio.IncompleteReadError) as e:
             conn.events.put_nowait(("eof", e))
 
-    async def _loop(self, stream: Stream[Any, Any], conn: Connection) -> bool:
-        """Process requests and changes in order; returns whether the proxy got registered."""
+    async def _loop(self, stream: Stream[Any, Any], conn: Connection) -> None:
+        """Process requests and changes in order, until the proxy ends the stream."""
         registered = False
         while True:
             kind, payload = await conn.events.get()
             if kind == "eof":
-                return registered
+                return
             if kind == "change":
                 # Coalesce a burst of changes into one push.
                 while not conn.events.empty() and conn.events._queue[0][0] == "change":  # type: ignore[attr-defined]
