@@ -112,7 +112,9 @@ class ProxyView:
     service_account: str | None
     labels: Mapping[str, str] = field(default_factory=dict)
     dns_capture: bool = False
-    interception_mode: str = "REDIRECT"  # or "NONE": no iptables, listeners bind real addresses
+    # REDIRECT (iptables), TPROXY (same listeners, transparent inbound) or NONE (no capture: listeners
+    # bind real addresses).
+    interception_mode: str = "REDIRECT"
     cluster_id: str = "Kubernetes"
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -699,8 +701,10 @@ def generate(
     domain_suffix: str = "cluster.local",
 ) -> dict[str, dict[str, any_pb2.Any]]:
     """type_url → resource name → packed resource (CDS, EDS, LDS, RDS) for one proxy."""
-    if proxy.interception_mode not in ("REDIRECT", "NONE"):
-        raise ValueError(f"ProxyView.interception_mode: expected REDIRECT or NONE, got {proxy.interception_mode!r}")
+    if proxy.interception_mode not in ("REDIRECT", "TPROXY", "NONE"):
+        raise ValueError(
+            f"ProxyView.interception_mode: expected REDIRECT, TPROXY or NONE, got {proxy.interception_mode!r}"
+        )
     none_mode = proxy.interception_mode == "NONE"
     # Auto-allocated VIPs are only for proxies that resolve names through the agent (like istiod).
     services = mesh_services(snapshot, vips=vips if proxy.dns_capture else {}, domain_suffix=domain_suffix)
@@ -823,6 +827,9 @@ def _listeners_redirect(
         ],
         "filter_chains": chains,
     }
+    if proxy.interception_mode == "TPROXY":
+        # TPROXY keeps the original destination on the socket; the listener must accept it as its own.
+        out.listeners["virtualInbound"]["transparent"] = True
     for port, svcs in sorted(http_by_port.items()):
         if port in (VIRTUAL_OUTBOUND_PORT, VIRTUAL_INBOUND_PORT):
             continue

@@ -31,7 +31,7 @@ PROXY = ProxyView(
 )
 
 
-@pytest.mark.parametrize("mode", ["REDIRECT", "NONE"])
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY", "NONE"])
 @pytest.mark.parametrize("inline", [False, True], ids=["ads", "inlined"])
 def test_envoy_validates_generated_config(tmp_path: Path, mode: str, inline: bool) -> None:
     snap = _snapshot()

@@ -247,8 +247,14 @@ def test_proxy_without_workload_gets_no_inbound(snapshot: MeshSnapshot, vm_proxy
 
 
 def test_bad_interception_mode(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None:
-    with pytest.raises(ValueError, match="interception_mode: expected REDIRECT or NONE, got 'TPROXY'"):
-        generate(snapshot, dataclasses.replace(vm_proxy, interception_mode="TPROXY"), trust_domain=TD, vips={})
+    with pytest.raises(ValueError, match="interception_mode: expected REDIRECT, TPROXY or NONE, got 'EBPF'"):
+        generate(snapshot, dataclasses.replace(vm_proxy, interception_mode="EBPF"), trust_domain=TD, vips={})
+
+
+def test_tproxy_marks_inbound_transparent(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None:
+    lds = _gen(snapshot, dataclasses.replace(vm_proxy, interception_mode="TPROXY"))[LISTENER_TYPE_URL]
+    assert lds["virtualInbound"]["transparent"] is True
+    assert "transparent" not in _gen(snapshot, vm_proxy)[LISTENER_TYPE_URL]["virtualInbound"]
 
 
 def _se(host: str, *, resolution: str = "DNS", addresses: str = "") -> str:
