@@ -33,7 +33,7 @@ async def serve(args: argparse.Namespace) -> None:
         info.shortname, info.namespace = parts[0], parts[1]
     server = DnsServer(
         DnsSettings(
-            listen=(_addr(args.listen),),
+            listen=tuple(_addr(a) for a in args.listen),
             upstreams=tuple(_addr(u) for u in args.upstream),
             search_domains=(),
             pod_namespace="bookinfo",
@@ -51,7 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--uid", type=int, default=None)
-    parser.add_argument("--listen", required=True)
+    parser.add_argument("--listen", action="append", required=True)
     parser.add_argument("--upstream", action="append", default=[])
     parser.add_argument("--name", action="append", default=[], help="FQDN=ip[,ip]")
     args = parser.parse_args()
