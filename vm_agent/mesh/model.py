@@ -32,6 +32,7 @@ __all__ = [
     "WorkloadEntry",
     "WorkloadEntrySpec",
     "WorkloadGroup",
+    "exported_to",
     "key",
     "kind_of",
     "parse_documents",
@@ -123,6 +124,7 @@ class ServiceEntry:
     resolution: str  # NONE | STATIC | DNS | DNS_ROUND_ROBIN
     workload_selector: Mapping[str, str] | None
     endpoints: tuple[Mapping[str, Any], ...]  # WorkloadEntry-shaped dicts, camelCase keys as in YAML
+    export_to: tuple[str, ...] = ()  # "*" (everyone, also when empty), "." (own namespace), "~" (nobody), names
 
 
 @dataclass(frozen=True)
@@ -679,9 +681,37 @@ def _parse_service_entry(ctx: _Ctx, meta: ObjectMeta, spec: Mapping[str, Any]) -
                 )
     if not ports and "ports" in spec:
         ctx.err("spec.ports", "expected at least one port")
+    export_to = _parse_export_to(ctx, ctx.get_list(spec, "exportTo", "spec.exportTo"), "spec.exportTo")
     return ServiceEntry(
-        meta, tuple(hosts), tuple(addresses), tuple(ports), location, resolution, selector, tuple(endpoints)
+        meta, tuple(hosts), tuple(addresses), tuple(ports), location, resolution, selector, tuple(endpoints), export_to
     )
+
+
+EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
+
+
+def _parse_export_to(ctx: _Ctx, raw: list[Any], path: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, v in enumerate(raw):
+        if not isinstance(v, str) or not (v in (".", "*", "~") or _DNS1123_LABEL.match(v)):
+            ctx.err(f"{path}[{i}]", f'expected ".", "*", "~" or a namespace name, got {_tname(v)}')
+            continue
+        out.append(v)
+    if "~" in out and len(out) > 1:
+        ctx.err(path, '"~" (export to nobody) cannot be combined with other entries')
+    return tuple(out)
+
+
+def exported_to(obj: Service | ServiceEntry, namespace: str) -> bool:
+    """Whether a proxy in ``namespace`` may see this service (Istio's exportTo; default: everyone)."""
+    if isinstance(obj, ServiceEntry):
+        targets = obj.export_to
+    else:
+        raw = obj.meta.annotations.get(EXPORT_TO_ANNOTATION, "")
+        targets = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not targets or "*" in targets:
+        return True
+    return any((t == "." and namespace == obj.meta.namespace) or t == namespace for t in targets)
 
 
 def _parse_wle_spec(
@@ -892,6 +922,8 @@ def to_manifest(obj: MeshObject) -> dict[str, Any]:
             se["workloadSelector"] = {"labels": dict(obj.workload_selector)}
         if obj.endpoints:
             se["endpoints"] = [dict(e) for e in obj.endpoints]
+        if obj.export_to:
+            se["exportTo"] = list(obj.export_to)
         out["spec"] = se
     elif isinstance(obj, WorkloadGroup):
         wg: dict[str, Any] = {}

@@ -41,7 +41,7 @@ def name_table(
     use_vips = proxy.dns_capture
     table = nds_pb2.NameTable()
     kube_hosts: set[str] = set()
-    for svc in mesh_services(snapshot, vips={}, domain_suffix=domain_suffix):
+    for svc in mesh_services(snapshot, vips={}, domain_suffix=domain_suffix, visible_to=proxy.namespace):
         ips: list[str] = [a for a in svc.addresses if _version(a) is not None]
         if not ips and isinstance(svc.source, ServiceEntry) and not svc.source.addresses and use_vips:
             v4 = vips.get(svc.host)

@@ -44,6 +44,7 @@ from vm_agent.mesh.model import (
     WorkloadEntry,
     WorkloadEntrySpec,
     WorkloadGroup,
+    exported_to,
 )
 
 __all__ = [
@@ -228,11 +229,17 @@ def _is_ip(s: str) -> bool:
 
 
 def mesh_services(
-    snapshot: MeshSnapshot, *, vips: Mapping[str, str], domain_suffix: str = "cluster.local"
+    snapshot: MeshSnapshot,
+    *,
+    vips: Mapping[str, str],
+    domain_suffix: str = "cluster.local",
+    visible_to: str | None = None,
 ) -> list[MeshService]:
-    """Every service the mesh knows; ``vips`` are used for address-less ServiceEntries."""
+    """The services a proxy in namespace ``visible_to`` sees (all when None); ``vips`` fill address-less entries."""
     out: list[MeshService] = []
     for svc in snapshot.of_kind(Service):
+        if visible_to is not None and not exported_to(svc, visible_to):
+            continue
         ports = tuple(
             MeshPort(
                 p.port,
@@ -257,6 +264,8 @@ def mesh_services(
             )
         )
     for se in snapshot.of_kind(ServiceEntry):
+        if visible_to is not None and not exported_to(se, visible_to):
+            continue
         se_ports = tuple(MeshPort(p.number, p.name, p.protocol, p.target_port) for p in se.ports)
         resolution = {"STATIC": "EDS", "NONE": "PASSTHROUGH"}.get(se.resolution, se.resolution)
         for host in se.hosts:
@@ -707,7 +716,9 @@ def generate(
         )
     none_mode = proxy.interception_mode == "NONE"
     # Auto-allocated VIPs are only for proxies that resolve names through the agent (like istiod).
-    services = mesh_services(snapshot, vips=vips if proxy.dns_capture else {}, domain_suffix=domain_suffix)
+    services = mesh_services(
+        snapshot, vips=vips if proxy.dns_capture else {}, domain_suffix=domain_suffix, visible_to=proxy.namespace
+    )
     out = _Out()
     _base_clusters(out)
 

@@ -282,3 +282,18 @@ def test_all_problems_collected_across_documents() -> None:
     ]
     assert all(e.file == "m.yaml" for e in errs)
     assert str(ei.value).count("\n") == 2
+
+
+def test_export_to_validated() -> None:
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: n}\n"
+        "spec: {hosts: [a.com], exportTo: ['~', Bad_NS], ports: [{number: 80, name: http, protocol: HTTP}]}\n"
+    )
+    with pytest.raises(ManifestErrors) as ei:
+        parse_documents(text, "x.yaml")
+    msgs = [str(e) for e in ei.value.errors]
+    assert 'x.yaml: ServiceEntry n/se: spec.exportTo[1]: expected ".", "*", "~" or a namespace name' in msgs[0]
+    good = parse_documents(text.replace("'~', Bad_NS", "'.', other"), "x.yaml")[0]
+    assert isinstance(good, ServiceEntry)
+    assert good.export_to == (".", "other")
+    assert to_manifest(good)["spec"]["exportTo"] == [".", "other"]

@@ -92,3 +92,34 @@ def test_duplicates_cidrs_and_unaddressed() -> None:
     assert "cidr.example.com" not in t
     assert "no-ip.ns.svc.cluster.local" not in t
     assert set(t) == {"dup.ns.svc.cluster.local", "shared.example.com"}
+
+
+_EXPORT = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: a}
+spec: {hosts: [private.example.com], addresses: [192.0.2.5], exportTo: ["."], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: to-b, namespace: a}
+spec: {hosts: [to-b.example.com], addresses: [192.0.2.6], exportTo: [b], ports: [{number: 80, name: http, protocol: HTTP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hidden, namespace: a, annotations: {networking.istio.io/exportTo: "~"}}
+spec: {clusterIP: 10.0.0.9, ports: [{name: http, port: 80}]}
+"""
+
+
+def test_export_to_limits_visibility() -> None:
+    objs = parse_documents(_EXPORT, "e.yaml")
+    snap = MeshSnapshot(1, {key(o): o for o in objs})
+
+    def names(ns: str) -> set[str]:
+        proxy = ProxyView(node_id="n", ips=("10.1.1.1",), namespace=ns, service_account=None)
+        return set(name_table(snap, proxy, vips={}).table)
+
+    assert names("a") == {"private.example.com"}
+    assert names("b") == {"to-b.example.com"}
+    assert names("c") == set()

@@ -323,3 +323,16 @@ def test_generation_is_deterministic(snapshot: MeshSnapshot, vm_proxy: ProxyView
     assert {t: {n: a.value for n, a in r.items()} for t, r in first.items()} == {
         t: {n: a.value for n, a in r.items()} for t, r in again.items()
     }
+
+
+def test_export_to_hides_clusters_from_other_namespaces(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None:
+    objs = dict(snapshot.objects)
+    k = ("ServiceEntry", "vm-ns", "legacy")
+    se = objs[k]
+    assert isinstance(se, ServiceEntry)
+    objs[k] = dataclasses.replace(se, export_to=(".",))
+    snap = MeshSnapshot(2, objs)
+    assert "outbound|3306||legacy.example.internal" in _gen(snap, vm_proxy)[CLUSTER_TYPE_URL]
+    elsewhere = _gen(snap, dataclasses.replace(vm_proxy, namespace="other"))[CLUSTER_TYPE_URL]
+    assert "outbound|3306||legacy.example.internal" not in elsewhere
+    assert "outbound|80||vm-app.vm-ns.svc.cluster.local" in elsewhere
