@@ -21,6 +21,7 @@ from vm_agent.netfilter.settings import (
     DEFAULT_AGENT_PORTS,
     CaptureSettings,
     CaptureSettingsError,
+    capture_enabled,
     settings_from_env,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "CaptureSettingsError",
     "NetfilterError",
     "apply",
+    "capture_enabled",
     "cleanup",
     "detect_backend",
     "parse_iptables_save",

@@ -8,6 +8,7 @@ the VM leaves the mesh without anyone noticing; the service checks the installed
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -52,6 +53,13 @@ class CaptureService:
         # thread that cancellation cannot interrupt) waits for it, then removes what it installed.
         self._lock = threading.Lock()
         self._attempted = False
+        self.agent_exempt = _exempt(settings)
+        if not self.agent_exempt and netns is None:
+            log.warning(
+                "the agent runs as uid %d gid %d but the capture exempts uid %d / gid %d: its own DNS "
+                "forwarding and istiod connection will be captured; run it as the proxy user or group",
+                os.getuid(), os.getgid(), settings.proxy_uid, settings.proxy_gid,
+            )  # fmt: skip
 
     async def run(self) -> None:
         delay = _RETRY_MIN
@@ -131,4 +139,10 @@ class CaptureService:
             "repairs": self.repairs,
             "last_applied": self.last_applied,
             "last_error": self.last_error,
+            "agent_exempt": self.agent_exempt,
         }
+
+
+def _exempt(settings: CaptureSettings) -> bool:
+    """Whether sockets this process opens match the owner rules (fsuid / primary fsgid)."""
+    return os.geteuid() == settings.proxy_uid or os.getegid() == settings.proxy_gid

@@ -12,6 +12,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from vm_agent.logs import get_logger
+
+log = get_logger("netfilter")
+
 # Envoy's and the agent's own listeners. Inbound traffic to them must never be redirected to
 # 15006: Envoy would loop to itself and operators would lose the admin/status endpoints.
 DEFAULT_AGENT_PORTS: tuple[int, ...] = (15000, 15004, 15020, 15021, 15053, 15090)
@@ -155,6 +159,11 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
     return int(raw)
 
 
+def capture_enabled(env: Mapping[str, str]) -> bool:
+    """False when the operator manages capture themselves (istio-start.sh's ISTIO_CUSTOM_IP_TABLES)."""
+    return not _bool(env, "ISTIO_CUSTOM_IP_TABLES", False)
+
+
 def settings_from_env(
     env: Mapping[str, str], nameservers: Sequence[str] = (), *, ipv6: bool = False
 ) -> CaptureSettings:
@@ -164,6 +173,11 @@ def settings_from_env(
     here); they are split by family. Loopback-style stub resolvers are kept: capture of them is
     exactly what makes ``dig`` on a systemd-resolved host reach the proxy.
     """
+    mode = env.get("ISTIO_INBOUND_INTERCEPTION_MODE", "").strip().upper()
+    if mode not in ("", "REDIRECT"):
+        # TPROXY only preserves the client's source address for the app; REDIRECT still captures
+        # everything, so the VM stays in the mesh rather than refusing to start.
+        log.warning("ISTIO_INBOUND_INTERCEPTION_MODE=%s is not supported; using REDIRECT", mode)
     v4: list[str] = []
     v6: list[str] = []
     for server in nameservers:

@@ -11,6 +11,7 @@ import pytest
 from vm_agent.netfilter import (
     CaptureSettings,
     CaptureSettingsError,
+    capture_enabled,
     parse_iptables_save,
     render,
     render_iptables,
@@ -350,3 +351,16 @@ def test_reconcile_to_nothing_is_a_cleanup() -> None:
     assert "-X VMAGENT_INBOUND" in text
     assert "-X VMAGENT_OLD" in text
     assert _reconcile_text({}, {}) == ""
+
+
+def test_custom_ip_tables_turns_capture_off() -> None:
+    assert capture_enabled({})
+    assert capture_enabled({"ISTIO_CUSTOM_IP_TABLES": "false"})
+    assert not capture_enabled({"ISTIO_CUSTOM_IP_TABLES": "true"})
+
+
+def test_tproxy_mode_falls_back_to_redirect_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="vm_agent.netfilter"):
+        s = settings_from_env({"ISTIO_INBOUND_INTERCEPTION_MODE": "TPROXY"})
+    assert "ISTIO_INBOUND_INTERCEPTION_MODE=TPROXY is not supported" in caplog.text
+    assert "-j VMAGENT_IN_REDIRECT" in render(s, "iptables")
