@@ -53,9 +53,11 @@ __all__ = [
     "LISTENER_TYPE_URL",
     "ROUTE_TYPE_URL",
     "Endpoint",
+    "MeshPort",
     "MeshService",
     "ProxyView",
     "allocate_vips",
+    "endpoint_healthy",
     "generate",
     "ipv6_vip",
     "mesh_services",
@@ -82,6 +84,8 @@ VIRTUAL_INBOUND_PORT = 15006
 RESERVED_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090})
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-Web"})
 H2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-Web"})
+# A sidecar proxies TCP only; these ports get no cluster or listener (their traffic bypasses Envoy).
+NOT_PROXIED = frozenset({"UDP", "SCTP"})
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 # What a mesh client offers and a mesh server accepts: the Istio markers first so that a server
 # that sees them knows its peer is a sidecar; the HTTP codec is sniffed, not negotiated.
@@ -664,7 +668,7 @@ def _inbound_ports(snapshot: MeshSnapshot, proxy: ProxyView, services: list[Mesh
         if selector is None or not _selects(selector, spec.labels):
             continue
         for p in svc.ports:
-            if p.protocol == "UDP":
+            if p.protocol in NOT_PROXIED:
                 continue
             n = _endpoint_port(p, spec.ports)
             found.setdefault(n, MeshPort(n, p.name, p.protocol, n))
@@ -727,7 +731,7 @@ def generate(
     tcp_by_port: dict[int, list[MeshService]] = {}
     for svc in services:
         for port in svc.ports:
-            if port.protocol == "UDP":
+            if port.protocol in NOT_PROXIED:
                 continue
             eps = service_endpoints(snapshot, svc, port, trust_domain=trust_domain)
             cluster = _outbound_cluster(svc, port, eps)
@@ -870,9 +874,8 @@ def _listeners_redirect(
                         "traffic_direction": "OUTBOUND",
                         "filter_chains": [{"filters": [_tcp_proxy(cluster, cluster)]}],
                     }
-            elif next((p for p in svc.ports if p.number == port), None) is not None and any(
-                p.number == port and p.protocol in ("TLS", "HTTPS") for p in svc.ports
-            ):
+            elif any(p.number == port and p.protocol in ("TLS", "HTTPS") for p in svc.ports):
+                # No address to match on: TLS carries the host name in SNI, which is enough.
                 sni.append(
                     {
                         "filter_chain_match": {"server_names": [svc.host], "transport_protocol": "tls"},
