@@ -336,3 +336,22 @@ def test_export_to_hides_clusters_from_other_namespaces(snapshot: MeshSnapshot, 
     elsewhere = _gen(snap, dataclasses.replace(vm_proxy, namespace="other"))[CLUSTER_TYPE_URL]
     assert "outbound|3306||legacy.example.internal" not in elsewhere
     assert "outbound|80||vm-app.vm-ns.svc.cluster.local" in elsewhere
+
+
+def test_port_protocols_from_name_and_app_protocol() -> None:
+    snap = _snap(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: p, namespace: ns}\n"
+        "spec: {clusterIP: 10.0.0.5, ports: ["
+        "{name: dns, port: 53, protocol: UDP}, {name: http2-api, port: 81}, {name: web, port: 82, appProtocol: http},"
+        " {name: tcp-x, port: 83}, {name: grpc-web, port: 84}]}\n"
+    )
+    proxy = ProxyView(node_id="n", ips=("10.1.1.1",), namespace="ns", service_account=None)
+    out = _gen(snap, proxy)
+    cds, lds = out[CLUSTER_TYPE_URL], out[LISTENER_TYPE_URL]
+    host = "p.ns.svc.cluster.local"
+    assert f"outbound|53||{host}" not in cds  # UDP bypasses the sidecar
+    assert "http2_protocol_options" in json.dumps(cds[f"outbound|81||{host}"])
+    assert "http2_protocol_options" in json.dumps(cds[f"outbound|84||{host}"])
+    assert "http2_protocol_options" not in json.dumps(cds[f"outbound|82||{host}"])
+    assert set(out[ROUTE_TYPE_URL]) == {"81", "82", "84"}
+    assert "10.0.0.5_83" in lds
