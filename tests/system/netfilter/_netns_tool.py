@@ -15,12 +15,14 @@ import sys
 import threading
 
 
-def drop_to(uid: int | None) -> None:
-    if uid is None:
+def drop_to(uid: int | None, gid: int | None) -> None:
+    group = gid if gid is not None else uid
+    if group is None:
         return
     os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
+    os.setgid(group)
+    if uid is not None:
+        os.setuid(uid)
 
 
 def listen_tcp(host: str, port: int, tag: str) -> None:
@@ -85,7 +87,8 @@ def dns_upstream(host: str, port: int, answer: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--uid", type=int, default=None, help="drop to this uid and gid (same number)")
+    parser.add_argument("--uid", type=int, default=None, help="drop to this uid (and gid, unless --gid)")
+    parser.add_argument("--gid", type=int, default=None, help="switch the primary group only (uid stays)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("listen")
     p.add_argument("host")
@@ -101,7 +104,7 @@ def main() -> int:
     p.add_argument("port", type=int)
     p.add_argument("answer")
     args = parser.parse_args()
-    drop_to(args.uid)
+    drop_to(args.uid, args.gid)
     if args.cmd == "listen":
         listen_tcp(args.host, args.port, args.tag)
     elif args.cmd == "connect":

@@ -64,9 +64,10 @@ class NetNs:
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.name, *argv, check=check)
 
-    def tool(self, *args: str, uid: int | None = None, check: bool = False) -> str:
+    def tool(self, *args: str, uid: int | None = None, gid: int | None = None, check: bool = False) -> str:
         """Run a short-lived actor (e.g. ``connect``) and return its output."""
         extra = ["--uid", str(uid)] if uid is not None else []
+        extra += ["--gid", str(gid)] if gid is not None else []
         out = self.run(PYTHON, str(TOOL), *extra, *args, check=check)
         return (out.stdout + out.stderr).strip()
 

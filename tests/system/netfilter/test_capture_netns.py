@@ -99,6 +99,9 @@ def test_traffic_goes_where_the_rules_say(netns: NetNs, peer: NetNs, backend: st
     assert netns.tool("connect", "10.200.0.77", "80") == "envoy-outbound"
     # ... but Envoy's own (proxy uid) is not captured: nothing answers 10.200.0.77.
     assert netns.tool("connect", "10.200.0.77", "80", "--timeout", "1", uid=PROXY).startswith("error")
+    # The proxy group alone exempts too: an agent run as root:istio-proxy is not captured.
+    assert netns.tool("connect", "10.200.0.77", "80", "--timeout", "1", gid=PROXY).startswith("error")
+    assert netns.tool("connect", "10.200.0.77", "80", gid=PROXY + 1) == "envoy-outbound"
     # The app calling its own instance IP stays on lo, uncaptured.
     assert netns.tool("connect", ip, str(APP_PORT)) == "app"
 
