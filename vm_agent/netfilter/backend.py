@@ -34,7 +34,7 @@ log = get_logger("netfilter")
 
 OPERATIONS = Counter(
     "vm_agent_netfilter_operations",
-    "Capture rule operations by action (apply, cleanup), backend and result (ok, error).",
+    "Capture rule operations by action (apply, cleanup, repair), backend and result (ok, error).",
     ["action", "backend", "result"],
     registry=REGISTRY,
 )
