@@ -61,8 +61,8 @@ _UPSTREAM_UP = Gauge(
 )
 _DISCONNECTS = Counter(
     "vm_agent_xds_disconnects",
-    "Proxied streams that ended, by who ended them and how (graceful, expected, unexpected)",
-    ["side", "reason"],
+    "Proxied streams that ended, by who ended them, the gRPC status and its class (graceful, expected, unexpected)",
+    ["side", "code", "reason"],
     registry=REGISTRY,
 )
 _RESPONSES = Counter(
@@ -354,7 +354,7 @@ class Proxy:
 
     def _record_end(self, stream: _Stream, end: _End) -> None:
         reason = classify(end.code)
-        _DISCONNECTS.labels(end.side, reason).inc()
+        _DISCONNECTS.labels(end.side, end.code.name, reason).inc()
         self._last_disconnect = {
             "at": time.time(),
             "stream": stream.id,
@@ -380,7 +380,13 @@ class Proxy:
             await stream.credits.acquire()
             message = await context.read()
             if message is grpc.aio.EOF:
-                stream.finish("downstream", grpc.StatusCode.OK, "Envoy closed the stream")
+                # A cancel (Envoy's usual way out) also reads as EOF; the cancel flag lands a moment later.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_until_done(context), 0.05)
+                if context.cancelled():
+                    stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
+                else:
+                    stream.finish("downstream", grpc.StatusCode.OK, "Envoy closed the stream")
                 return
             assert isinstance(message, bytes)
             try:
@@ -533,6 +539,12 @@ class Proxy:
         self._health_sent = event
         self._health_sent_at = time.time()
         _HEALTH_SENT.labels(reason).inc()
+
+
+async def _until_done(context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    # grpc.aio gives a servicer no awaitable for "the RPC is over", only the done() flag.
+    while not context.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
 
 
 def _first_resource(message: bytes, flavour: Flavour) -> tuple[str, bytes] | None:
