@@ -117,9 +117,15 @@ class SdsServer:
         finally:
             self.serving.clear()
             unsubscribe()
-            await server.stop(grace=None)
+            # Unlink first: nothing below may be interrupted before the path is gone, and a listening
+            # socket keeps working without its name until the server stops.
             with contextlib.suppress(OSError):
                 path.unlink()
+            try:
+                await server.stop(grace=None)
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     async def _unimplemented_stream(
         self, _requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
