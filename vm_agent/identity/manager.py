@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 
 from vm_agent.identity.ca_client import CaClient, CaError
 from vm_agent.identity.csr import generate_key_and_csr, spiffe_id
-from vm_agent.identity.settings import IdentitySettings
+from vm_agent.identity.settings import IdentitySettings, validate
 from vm_agent.identity.store import read_svid_files, write_svid_files
 from vm_agent.identity.svid import ChainError, Svid, merge_bundles, rotation_delay, rotation_ratio
 from vm_agent.logs import get_logger
@@ -96,6 +96,7 @@ def _iso(ts: datetime | None) -> str | None:
 
 class SecretManager:
     def __init__(self, settings: IdentitySettings, *, backoff: Backoff | None = None) -> None:
+        validate(settings)
         self._settings = settings
         self.ready = asyncio.Event()
         self._svid: Svid | None = None

@@ -31,3 +31,23 @@ class IdentitySettings:
     cert_signer: str = ""
     output_certs: Path | None = None
     """Istio's OUTPUT_CERTS: key.pem, cert-chain.pem, root-cert.pem are also written here."""
+
+
+def validate(settings: IdentitySettings) -> None:
+    """Reject settings the identity service cannot work with; ``ValueError`` names the setting."""
+    algo = settings.key_algorithm.upper()
+    if algo not in ("RSA", "ECDSA", "EC"):
+        raise ValueError(f"key algorithm {settings.key_algorithm!r} is not supported: expected RSA or ECDSA")
+    if algo == "RSA" and settings.rsa_key_size < 2048:
+        raise ValueError(f"WORKLOAD_RSA_KEY_SIZE {settings.rsa_key_size} is too small: expected >= 2048")
+    if algo != "RSA" and settings.ec_curve.upper() not in ("P256", "P384"):
+        raise ValueError(f"ECC_CURVE {settings.ec_curve!r} is not supported: expected P256 or P384")
+    if settings.requested_ttl_seconds <= 0:
+        raise ValueError(f"SECRET_TTL must be positive, got {settings.requested_ttl_seconds}s")
+    if not 0.0 <= settings.grace_ratio <= 1.0:
+        raise ValueError(f"SECRET_GRACE_PERIOD_RATIO must be within [0, 1], got {settings.grace_ratio}")
+    if not 0.0 <= settings.grace_jitter <= 1.0:
+        raise ValueError(f"SECRET_GRACE_PERIOD_RATIO_JITTER must be within [0, 1], got {settings.grace_jitter}")
+    for part, value in (("namespace", settings.namespace), ("service account", settings.service_account)):
+        if not value or "/" in value:
+            raise ValueError(f"workload {part} {value!r} cannot form a SPIFFE ID (empty or contains '/')")

@@ -194,3 +194,28 @@ async def test_socket_removed_on_stop_and_stale_socket_replaced(tmp_path: Path, 
     async with running_sds(settings, manager):
         assert stat.S_ISSOCK(os.stat(settings.sds_socket).st_mode)
     assert not settings.sds_socket.exists()
+
+
+@pytest.mark.system
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another group needs root")
+async def test_socket_handed_to_envoy_group(tmp_path: Path, ca_server: LocalCAServer) -> None:
+    import dataclasses
+    import grp
+
+    group = grp.getgrnam("daemon")
+    settings = dataclasses.replace(identity_settings(tmp_path, ca_server), sds_socket_group="daemon")
+    async with running_sds(settings, SecretManager(settings)):
+        st = os.stat(settings.sds_socket)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == group.gr_gid
+        assert os.stat(settings.sds_socket.parent).st_gid == group.gr_gid
+        assert stat.S_IMODE(os.stat(settings.sds_socket.parent).st_mode) == 0o750
+
+
+async def test_unknown_socket_group_is_named(tmp_path: Path, ca_server: LocalCAServer) -> None:
+    import dataclasses
+
+    settings = dataclasses.replace(identity_settings(tmp_path, ca_server), sds_socket_group="no-such-group-xyz")
+    with pytest.raises(ValueError, match="no-such-group-xyz"):
+        await SdsServer(settings, SecretManager(settings)).run()
+    assert not settings.sds_socket.exists()
