@@ -146,6 +146,15 @@ class SecretManager:
         self._rotate_at = datetime.now(UTC)
         self._wake.set()
 
+    async def check_ready(self) -> str | None:
+        """Readiness seam for the status server: ``None`` when a valid certificate is held, else why not."""
+        svid = self._svid
+        if svid is None:
+            return f"no workload certificate yet: {self._last_error or 'waiting for the CA'}"
+        if not svid.valid_at(datetime.now(UTC)):
+            return f"workload certificate expired at {svid.not_after.isoformat()}: {self._last_error or 'renewing'}"
+        return None
+
     def snapshot(self) -> dict[str, Any]:
         svid = self._svid
         return {

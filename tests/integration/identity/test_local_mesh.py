@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -163,3 +164,23 @@ async def test_errors_against_the_mesh_are_named(
         lines = [r.getMessage() for r in caplog.records]
         assert any(words in line for line in lines if line.startswith("certificate request failed")), lines
         assert not any(token in line or token.split(".")[1] in line for line in lines)
+
+
+async def test_plaintext_ca_address_dials_without_tls(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.helpers.net import free_port
+
+    async with running_mesh(tmp_path, MANIFESTS, plaintext_listen=f"127.0.0.1:{free_port()}") as mesh:
+        assert mesh.plaintext_address is not None
+        (tmp_path / "istio-token").write_text(mesh.mint_token("vm-ns", "vm-sa"))
+        settings = settings_for(mesh, tmp_path)
+        plain = dataclasses.replace(
+            settings, ca=dataclasses.replace(settings.ca, dial_target=mesh.plaintext_address, plaintext=True)
+        )
+        manager = SecretManager(plain, backoff=fast_backoff())
+        async with running(manager):
+            deadline = asyncio.get_running_loop().time() + 20
+            while manager.snapshot()["failures"] < 1:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+        # Like istiod, the mesh never signs over plaintext; reaching that answer proves the non-TLS dial worked.
+        assert manager.snapshot()["last_error_reason"] == "unauthenticated"

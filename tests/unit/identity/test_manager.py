@@ -220,3 +220,30 @@ async def test_new_token_is_picked_up_without_restart(
         (tmp_path / "istio-token").write_text(make_token())
         await asyncio.wait_for(manager.ready.wait(), 5)
     assert any("no token in" in r.getMessage() for r in identity_logs.records)
+
+
+async def test_trust_bundle_change_pushes_rootca_and_is_persisted(tmp_path: Path, ca_server: LocalCAServer) -> None:
+    (tmp_path / "istio-token").write_text(make_token())
+    settings = identity_settings(tmp_path, ca_server)
+    manager = SecretManager(settings)
+    seen: list[frozenset[str]] = []
+    manager.subscribe(seen.append)
+    async with running(manager):
+        assert await manager.check_ready() is not None
+        await asyncio.wait_for(manager.ready.wait(), 15)
+        assert await manager.check_ready() is None
+        assert manager.trust_bundle() == ca_server.ca.pem
+        extra = ThrowawayCA.create("next root").pem
+        # An operator adds the next root to root-cert.pem ahead of a root rotation.
+        settings.ca.root_cert_path.write_bytes(ca_server.ca.pem + extra)
+        manager.request_rotation()
+        await _until(lambda: len(seen) >= 2, what="second update")
+        assert seen[1] == frozenset({"default", "ROOTCA"})
+        bundle = manager.trust_bundle()
+        assert bundle == b"".join(sorted([ca_server.ca.pem, extra]))
+        manager.request_rotation()
+        await _until(lambda: len(seen) >= 3, what="third update")
+        assert seen[2] == frozenset({"default"})  # unchanged bundle: only the certificate is pushed
+    assert (settings.state_dir / "root-cert.pem").read_bytes() == bundle
+    assert settings.output_certs is not None
+    assert (settings.output_certs / "root-cert.pem").read_bytes() == bundle
