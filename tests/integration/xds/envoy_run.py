@@ -68,8 +68,32 @@ def _xds_cluster(socket_path: Path | None, direct: DirectXds | None) -> dict[str
     return cluster
 
 
+def _uds_cluster(name: str, path: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(path)}}}}]}],
+        },
+    }
+
+
 def bootstrap(
-    socket_path: Path | None, admin_port: int, api_type: str, direct: DirectXds | None = None, stats: bool = True
+    socket_path: Path | None,
+    admin_port: int,
+    api_type: str,
+    direct: DirectXds | None = None,
+    stats: bool = True,
+    node: dict[str, Any] | None = None,
+    sds_socket: Path | None = None,
 ) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "node": {"id": NODE_ID, "cluster": "vm.vm-ns"},
@@ -94,6 +118,10 @@ def bootstrap(
         },
         "static_resources": {"clusters": [_xds_cluster(socket_path, direct)]},
     }
+    if node is not None:
+        doc["node"] = node
+    if sds_socket is not None:
+        doc["static_resources"]["clusters"].append(_uds_cluster("sds-grpc", sds_socket))
     if not stats:
         doc["stats_config"] = {"stats_matcher": {"reject_all": True}}
     return doc
@@ -149,10 +177,12 @@ async def running_envoy(
     debug_config: bool = True,
     stats: bool = True,
     name: str = "envoy",
+    node: dict[str, Any] | None = None,
+    sds_socket: Path | None = None,
 ) -> AsyncIterator[RunningEnvoy]:
     admin_port = free_port()
     config = tmp_path / f"{name}.json"
-    config.write_text(json.dumps(bootstrap(socket_path, admin_port, api_type, direct, stats)))
+    config.write_text(json.dumps(bootstrap(socket_path, admin_port, api_type, direct, stats, node, sds_socket)))
     log_path = tmp_path / f"{name}.log"
     log_file = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
