@@ -52,19 +52,27 @@ def shuffle(items: list[Any], next_id: IdSource = random_id) -> None:
         j += 1
 
 
+_COUNTS = [b"\x00\x01" + n.to_bytes(2, "big") + b"\x00\x00\x00\x00" for n in range(64)]
+
+
 def _counts(answers: int) -> bytes:
+    # Shared objects for the usual sizes: a 100k-name table has 400k answers.
+    if answers < len(_COUNTS):
+        return _COUNTS[answers]
     return b"\x00\x01" + answers.to_bytes(2, "big") + b"\x00\x00\x00\x00"
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The answer section for one (name, family), as exact hits return it.
+    """The answer to one (name, A or AAAA) as an exact hit returns it.
 
-    ``counts`` are the header's last eight bytes; ``records`` the finished answer section when no
-    shuffle is needed (None otherwise); ``head`` is a CNAME RR that always comes first and
-    ``addrs`` the A/AAAA RRs that get shuffled.
+    ``tail`` is everything after the flags for a client that asked in lower case: counts, the
+    question, the records (None when the records get shuffled).  ``counts`` and ``records`` serve
+    a mixed-case question, which is spliced in between; ``head`` is a CNAME RR that always comes
+    first and ``addrs`` the A/AAAA RRs that get shuffled.
     """
 
+    tail: bytes | None
     counts: bytes
     records: bytes | None
     head: bytes
@@ -77,17 +85,19 @@ class Answer:
         return self.counts, self.head + b"".join(addrs)
 
 
-EMPTY_ANSWER = Answer(_counts(0), b"", b"", ())
+# NODATA: no tail kept per name (the common AAAA-of-a-v4-service case would double the memory).
+EMPTY_ANSWER = Answer(None, _counts(0), b"", b"", ())
 
 
-def _answer(head: bytes, addrs: tuple[bytes, ...]) -> Answer:
+def _answer(question: bytes, head: bytes, addrs: tuple[bytes, ...]) -> Answer:
     if not addrs:
         # The CNAME goes too: Istio answers NODATA, not a dangling CNAME.
         return EMPTY_ANSWER
     counts = _counts(len(addrs) + (1 if head else 0))
     if len(addrs) == 1:
-        return Answer(counts, head + addrs[0], head, addrs)
-    return Answer(counts, None, head, addrs)
+        records = head + addrs[0]
+        return Answer(counts + question + records, counts, records, head, addrs)
+    return Answer(None, counts, None, head, addrs)
 
 
 @dataclass(slots=True)
@@ -103,10 +113,9 @@ class _Host:
 class NameIndex:
     """Read-only after ``build_index``; shared between threads."""
 
-    # lower-cased wire name → (answer for A, answer for AAAA); the fast path's only lookup
-    exact: dict[bytes, tuple[Answer, Answer]]
+    # lower-cased question (wire name + type + class IN) → answer; the fast path's only lookup
+    exact: dict[bytes, Answer]
     hosts: dict[bytes, _Host]
-    alt_hosts: dict[str, list[str]]  # NameTable hostname → generated names, for /debug/ndsz
     entries: int
     skipped: int
     wildcards: bool = field(default=False)
@@ -201,12 +210,10 @@ def build_index(
     search = search_domains[0] if search_domains else ""
     search_wire = wire.text_to_name(search, "first search domain").lower() if search else b""
     hosts: dict[bytes, _Host] = {}
-    alt_hosts: dict[str, list[str]] = {}
     skipped = 0
     for hostname, info in table.table.items():
         where = f"NameTable entry {hostname!r}"
         names = alternate_hosts(hostname, info, pod_namespace, proxy_domain)
-        alt_hosts[hostname] = names
         wires = [wire.text_to_name(name, where) for name in names]
         v4, v6 = _split_ips(info.ips)
         if not v4 and not v6:
@@ -230,16 +237,21 @@ def build_index(
                     if target is None:
                         target = hosts[expanded] = _Host()
                     target.cname = key
-    exact: dict[bytes, tuple[Answer, Answer]] = {}
+    exact: dict[bytes, Answer] = {}
     wildcards = False
     for key, host in hosts.items():
-        exact[key] = (_resolve(hosts, key, host, wire.TYPE_A), _resolve(hosts, key, host, wire.TYPE_AAAA))
+        for qtype, suffix in ((wire.TYPE_A, _A_IN), (wire.TYPE_AAAA, _AAAA_IN)):
+            exact[key + suffix] = _resolve(hosts, key, host, qtype, key + suffix)
         if key.startswith(b"\x01*"):
             wildcards = True
-    return NameIndex(exact, hosts, alt_hosts, len(table.table), skipped, wildcards)
+    return NameIndex(exact, hosts, len(table.table), skipped, wildcards)
 
 
-def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int) -> Answer:
+_A_IN = b"\x00\x01\x00\x01"
+_AAAA_IN = b"\x00\x1c\x00\x01"
+
+
+def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int, question: bytes) -> Answer:
     head = b""
     owner = key
     if host.cname is not None:
@@ -247,4 +259,4 @@ def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int) -> 
         owner = host.cname
         host = hosts.get(owner) or _Host()
     rdatas = host.v4 if qtype == wire.TYPE_A else host.v6
-    return _answer(head, tuple(wire.rr_bytes(owner, qtype, rdata) for rdata in rdatas))
+    return _answer(question, head, tuple(wire.rr_bytes(owner, qtype, rdata) for rdata in rdatas))

@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from vm_agent.dns import wire
 from vm_agent.dns.forward import Forwarder
 from vm_agent.dns.handler import Decision, Outcome, fast_reply, handle, servfail
-from vm_agent.dns.index import NameIndex, build_index, random_id
+from vm_agent.dns.index import NameIndex, alternate_hosts, build_index, random_id
 from vm_agent.dns.metrics import DnsStats, register
 from vm_agent.logs import get_logger
 from vm_agent.proto import nds_pb2
@@ -219,10 +219,14 @@ class DnsServer:
         index, table = self._index, self._table
         if index is None or table is None:
             return {"loaded": False}
+        s = self.settings
         return {
             "loaded": True,
             "table": json_format.MessageToDict(table),
-            "alt_hosts": index.alt_hosts,
+            # Recomputed here rather than kept: only /debug wants them, and they cost memory.
+            "alt_hosts": {
+                host: alternate_hosts(host, info, s.pod_namespace, s.proxy_domain) for host, info in table.table.items()
+            },
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -368,11 +372,9 @@ class DnsServer:
 def _build(
     table: nds_pb2.NameTable, search: tuple[str, ...], namespace: str, domain: str
 ) -> tuple[NameIndex, nds_pb2.NameTable]:
-    index = build_index(table, search, namespace, domain)
-    # Our own copy: the caller may reuse its message, /debug/ndsz must show what we serve.
-    kept = nds_pb2.NameTable()
-    kept.CopyFrom(table)
-    return index, kept
+    # The message is kept, not copied (a 100k-entry copy costs time and memory): the xDS proxy
+    # hands over a freshly decoded NameTable and does not touch it afterwards.
+    return build_index(table, search, namespace, domain), table
 
 
 def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
