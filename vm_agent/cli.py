@@ -8,7 +8,6 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from vm_agent import ISTIO_COMPAT_VERSION, __version__, logs
 from vm_agent.config import Config, Options, load
@@ -125,13 +124,85 @@ def cmd_netfilter(ns: argparse.Namespace) -> int:
 
 
 def cmd_mesh(ns: argparse.Namespace) -> int:
+    from vm_agent.mesh import MeshSettings
     from vm_agent.mesh import cli as mesh_cli
 
-    handler: Any = getattr(mesh_cli, f"cmd_{ns.mesh_command.replace('-', '_')}")
-    result = handler(ns)
-    if asyncio.iscoroutine(result):
-        result = asyncio.run(result)
-    return int(result)
+    what = ns.mesh_command
+    if what == "serve":
+        settings = MeshSettings(
+            state_dir=ns.state,
+            manifests_dir=ns.manifests,
+            listen=ns.listen,
+            plaintext_listen=ns.plaintext_listen,
+            admin_listen=ns.admin_listen,
+            server_names=tuple(dict.fromkeys(["istiod.istio-system.svc", *ns.server_name])),
+            server_ips=tuple(dict.fromkeys(["127.0.0.1", *ns.server_ip])),
+            trust_domain=ns.trust_domain,
+            cluster_id=ns.cluster_id,
+            grace_period_s=ns.grace_period,
+        )
+        return asyncio.run(mesh_cli.mesh_serve(settings))
+    if what == "get":
+        return asyncio.run(
+            mesh_cli.mesh_get(ns.kind, output=ns.output, admin_url=ns.admin_url, state=ns.state, namespace=ns.namespace)
+        )
+    if what in ("apply", "delete"):
+        fn = mesh_cli.mesh_apply if what == "apply" else mesh_cli.mesh_delete
+        return asyncio.run(fn(ns.file, admin_url=ns.admin_url, state=ns.state))
+    return asyncio.run(
+        mesh_cli.mesh_vm_files(
+            state=ns.state,
+            group=ns.group,
+            namespace=ns.namespace,
+            out=ns.out,
+            token_ttl=ns.token_ttl,
+            ingress_ip=ns.ingress_ip,
+            internal_ip=ns.internal_ip,
+            cluster_id=ns.cluster_id,
+            autoregister=ns.autoregister,
+            capture_dns=ns.capture_dns,
+            admin_url=ns.admin_url,
+            manifests=ns.manifests,
+        )
+    )
+
+
+def _add_mesh_parsers(p: argparse.ArgumentParser) -> None:
+    msub = p.add_subparsers(dest="mesh_command", required=True)
+    s = msub.add_parser("serve", help="run the local mesh (CA + xDS on one TLS port, admin API on loopback)")
+    s.add_argument("--state", type=Path, required=True, help="state folder: mesh CA root, issuer key, manifests")
+    s.add_argument("--manifests", type=Path, help="folder of Kubernetes/Istio YAML manifests, reloaded on change")
+    s.add_argument("--listen", default="127.0.0.1:15012", help="TLS port for CA and xDS (default 127.0.0.1:15012)")
+    s.add_argument("--plaintext-listen", help="optional plaintext xDS port, like istiod's 15010")
+    s.add_argument("--admin-listen", default="127.0.0.1:15014", help="admin HTTP API (default 127.0.0.1:15014)")
+    s.add_argument("--server-name", action="append", default=[], help="extra DNS name in the serving certificate")
+    s.add_argument("--server-ip", action="append", default=[], help="extra IP in the serving certificate")
+    s.add_argument("--trust-domain", default="cluster.local")
+    s.add_argument("--cluster-id", default="Kubernetes")
+    s.add_argument("--grace-period", type=float, default=10.0, help="seconds before a disconnected entry is deleted")
+    g = msub.add_parser("get", help="list workloadentries, proxies or the nametable (kubectl-style)")
+    g.add_argument("kind", choices=("workloadentries", "proxies", "nametable"))
+    g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    g.add_argument("-n", "--namespace")
+    for name in ("apply", "delete"):
+        a = msub.add_parser(name, help=f"{name} objects from a manifest file through the admin API")
+        a.add_argument("-f", "--file", type=Path, required=True)
+    v = msub.add_parser("vm-files", help="write the five files istioctl x workload entry configure writes")
+    v.add_argument("--group", required=True, help="WorkloadGroup name")
+    v.add_argument("--namespace", "-n", required=True)
+    v.add_argument("--out", type=Path, required=True)
+    v.add_argument("--token-ttl", default="1h")
+    v.add_argument("--ingress-ip", help="address of istiod as the VM reaches it (hosts file)")
+    v.add_argument("--internal-ip", help="the VM's address (ISTIO_SVC_IP)")
+    v.add_argument("--cluster-id")
+    v.add_argument("--autoregister", action="store_true")
+    v.add_argument("--capture-dns", action=argparse.BooleanOptionalAction, default=True)
+    v.add_argument("--manifests", type=Path, help="read the WorkloadGroup from this folder instead of the admin API")
+    for sp in (g, *[msub.choices[n] for n in ("apply", "delete")], v):
+        sp.add_argument(
+            "--state", type=Path, required=sp is v, help="the mesh's state folder (finds its admin address)"
+        )
+        sp.add_argument("--admin-url", help="the mesh's admin API, default http://127.0.0.1:15014")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,12 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_netfilter)
 
     p = sub.add_parser("mesh", help="the built-in local mesh (an istiod stand-in for first runs and tests)")
-    try:
-        from vm_agent.mesh import cli as mesh_cli
-    except ImportError:  # pragma: no cover - the mesh is part of the package; this guards partial installs
-        mesh_cli = None
-    if mesh_cli is not None:
-        mesh_cli.add_arguments(p)
+    _add_mesh_parsers(p)
     p.set_defaults(func=cmd_mesh)
     return parser
 
