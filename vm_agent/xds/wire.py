@@ -197,7 +197,9 @@ INTERNAL = 13
 
 
 def _status(code: int, message: str) -> bytes:
-    return _encode_varint(1 << 3 | _VARINT) + _encode_varint(code) + _str_field(2, message)
+    # proto3 leaves zero values out; so must we, to match protobuf's bytes.
+    head = _encode_varint(1 << 3 | _VARINT) + _encode_varint(code) if code else b""
+    return head + _str_field(2, message)
 
 
 def build_request(
