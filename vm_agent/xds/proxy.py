@@ -211,6 +211,7 @@ class Proxy:
         self._streams_total = 0
         self._last_disconnect: dict[str, Any] | None = None
         self._last_connected_at: float | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -242,6 +243,7 @@ class Proxy:
             await asyncio.Event().wait()
         finally:
             self.ready.clear()
+            self._stopping = True
             await asyncio.shield(server.stop(None))
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -335,7 +337,10 @@ class Proxy:
                 context.set_details(end.details)
         except asyncio.CancelledError:
             # Envoy cancelled the RPC (or the server is stopping): gRPC cancels this handler.
-            stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
+            if self._stopping:
+                stream.finish("agent", grpc.StatusCode.UNAVAILABLE, "the agent is shutting down")
+            else:
+                stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
             self._record_end(stream, stream.end or _End("downstream", grpc.StatusCode.CANCELLED, ""))
             raise
         finally:
@@ -494,6 +499,10 @@ class Proxy:
                     await self._on_name_table(table)
             except (ValueError, DecodeError) as exc:
                 error = str(exc) or type(exc).__name__
+            except Exception as exc:
+                # A bug in the DNS side must not cut Envoy off from xDS: NACK, keep the stream, log loudly.
+                log.exception("stream %d: applying the NameTable failed", stream.id)
+                error = f"internal error applying the NameTable: {type(exc).__name__}: {exc}"
         if error is not None:
             log.warning("stream %d: NACK NameTable nonce %s: %s", stream.id, nonce, error)
         stream.send_control(
@@ -562,8 +571,16 @@ def _first_resource(message: bytes, flavour: Flavour) -> tuple[str, bytes] | Non
     return str(first.type_url), bytes(first.value)
 
 
+_SUN_PATH_MAX = 107
+"""Longest Unix socket path Linux accepts (sun_path is 108 bytes with the terminating NUL)."""
+
+
 def _prepare_socket_path(path: Path) -> None:
     """Create the parent folder (0750) and remove a stale socket; refuse to delete anything else."""
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ValueError(
+            f"xDS socket path {path} is {len(os.fsencode(path))} bytes long; Unix sockets allow at most {_SUN_PATH_MAX}"
+        )
     path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     try:
         mode = path.lstat().st_mode

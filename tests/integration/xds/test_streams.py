@@ -128,3 +128,48 @@ async def test_large_response_passes_and_large_request_is_refused(
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         await ads.wait_for(lambda: ads.streams[0].done, what="upstream closed with the refused stream")
         assert all(len(r.resource_names_subscribe) < 10_000 for r in ads.streams[0].requests)
+
+
+async def test_slow_envoy_backpressures_upstream_and_requests_still_flow(
+    tmp_path: Path, pki: XdsPki, ads: AdsServer, channel: grpc.aio.Channel
+) -> None:
+    async with running_proxy(settings_for(tmp_path, pki, ads)):
+        call = open_delta(channel)
+        await call.write(request(CDS, node=True))
+        await call.read()
+        upstream = ads.streams[0]
+        blob = any_pb2.Any(type_url=CDS, value=b"y" * (1024 * 1024))
+        nonces = [
+            upstream.push(
+                discovery_pb2.DeltaDiscoveryResponse(type_url=CDS, resources=[discovery_pb2.Resource(resource=blob)])
+            )
+            for _ in range(64)
+        ]
+        # Nobody reads on the Envoy side: the proxy must stop pulling from upstream instead of buffering
+        # 64 MiB, so the server's own queue stops draining.
+        await ads.wait_for(lambda: upstream.outbox.qsize() > 0, what="server-side backpressure")
+        seen: list[int] = []
+        await ads.wait_for(lambda: _stable(seen, upstream.outbox.qsize()), what="a stalled server queue")
+        assert upstream.outbox.qsize() >= 32
+        # The other direction is independent: Envoy's requests still reach the upstream.
+        await call.write(request(LDS))
+        await ads.wait_for(lambda: upstream.requests_of(LDS), what="a request past the stalled responses")
+        # Nothing was lost or reordered once Envoy reads again.
+        got = [(await call.read()).nonce for _ in nonces]
+        assert got == nonces
+
+
+def _stable(seen: list[int], value: int) -> bool:
+    """True once the same value was seen 10 times in a row (the caller polls every 50 ms)."""
+    seen.append(value)
+    return len(seen) >= 10 and len(set(seen[-10:])) == 1
+
+
+async def test_run_binds_0660_and_removes_socket_on_cancel(tmp_path: Path, pki: XdsPki, ads: AdsServer) -> None:
+    settings = settings_for(tmp_path, pki, ads)
+    async with running_proxy(settings) as proxy:
+        assert proxy.ready.is_set()
+        assert settings.socket_path.stat().st_mode & 0o777 == 0o660
+        assert proxy.snapshot()["upstream"]["state"] == "idle"
+    assert not settings.socket_path.exists()
+    assert not proxy.ready.is_set()
