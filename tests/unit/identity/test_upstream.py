@@ -142,3 +142,23 @@ async def test_wrong_root_or_name_is_rejected(tmp_path: Path) -> None:
                 await _call(settings, None)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.calls == []
+
+
+async def test_diagnose_connection_names_each_cause(tmp_path: Path) -> None:
+    from tests.helpers.net import free_port
+    from vm_agent.upstream import diagnose_connection
+
+    other = ThrowawayCA.create("other root")
+    (tmp_path / "other.pem").write_bytes(other.pem)
+    async with LocalCAServer() as server:
+        assert await diagnose_connection(_settings(tmp_path, server)) is None
+        wrong_root = await diagnose_connection(_settings(tmp_path, server, root_cert_path=tmp_path / "other.pem"))
+        assert wrong_root is not None
+        assert f"not signed by {tmp_path / 'other.pem'}" in wrong_root
+        wrong_name = await diagnose_connection(_settings(tmp_path, server, server_name="istiod.elsewhere.svc"))
+        assert wrong_name is not None
+        assert "not valid for the name 'istiod.elsewhere.svc'" in wrong_name
+        port = free_port()
+        gone = await diagnose_connection(_settings(tmp_path, server, dial_target=f"127.0.0.1:{port}"))
+        assert gone is not None
+        assert gone.startswith(f"CA unreachable at istiod.istio-system.svc:15012 (127.0.0.1:{port})")
