@@ -180,9 +180,10 @@ async def test_health_kept_before_lds_replayed_after_it_and_heartbeat(
             await ads.wait_for(lambda: len(health_requests(stream)) >= sent + 2, what="two heartbeats")
             assert all(not r.HasField("error_detail") for r in health_requests(stream)[sent:])
 
-            # A new upstream stream gets the latest report again, after its own first LDS.
-            proxy.report_health(HealthEvent(False, "timeout"))
+            # A report made while the upstream is away is kept and goes out on the next stream, after its LDS.
             await ads.stop()
+            await ads.wait_for(lambda: proxy.snapshot()["upstream"]["state"] != "connected", what="upstream gone")
+            proxy.report_health(HealthEvent(False, "timeout"))
             ads = AdsServer(pki.server_key_pem, pki.server_cert_pem, None, port)
             await ads.start()
             stream2 = await ads.wait_stream()
