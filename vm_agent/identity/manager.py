@@ -296,7 +296,8 @@ class SecretManager:
 
     def _persist(self, svid: Svid) -> None:
         s = self._settings
-        targets: list[tuple[Path, int]] = [(s.state_dir, 0o644)]
+        # product.md: key and chain are private to the agent (0600) in its state folder, as in OUTPUT_CERTS.
+        targets: list[tuple[Path, int]] = [(s.state_dir, 0o600)]
         if s.output_certs is not None:
             targets.append((s.output_certs, 0o600))
         for folder, mode in targets:

@@ -55,7 +55,8 @@ async def test_issue_persist_and_output_certs(
 
     for folder, key_mode in ((settings.state_dir, 0o600), (settings.output_certs, 0o600)):
         assert folder is not None
-        assert stat.S_IMODE((folder / "key.pem").stat().st_mode) == key_mode
+        for name in ("key.pem", "cert-chain.pem", "root-cert.pem"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == key_mode
         assert (folder / "key.pem").read_bytes() == svid.key_pem
         assert (folder / "cert-chain.pem").read_bytes() == svid.chain_pem
         assert (folder / "root-cert.pem").read_bytes() == ca_server.ca.pem
