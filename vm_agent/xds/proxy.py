@@ -233,7 +233,11 @@ class Proxy:
             for flavour, method in _METHODS.items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
-        if not server.add_insecure_port(f"unix:{path}"):
+        try:
+            bound = server.add_insecure_port(f"unix:{path}")
+        except RuntimeError as exc:  # grpcio reports bind failures this way
+            raise OSError(f"xDS proxy: cannot listen on unix socket {path}: {exc}") from exc
+        if not bound:
             raise OSError(f"xDS proxy: cannot listen on unix socket {path}")
         try:
             await server.start()
@@ -581,7 +585,10 @@ def _prepare_socket_path(path: Path) -> None:
         raise ValueError(
             f"xDS socket path {path} is {len(os.fsencode(path))} bytes long; Unix sockets allow at most {_SUN_PATH_MAX}"
         )
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"xDS socket folder {path.parent} cannot be created: {exc.strerror or exc}") from exc
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

@@ -75,3 +75,9 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def test_unusable_socket_folder_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match=r"xDS socket folder .*/file cannot be created"):
+        _prepare_socket_path(tmp_path / "file" / "XDS")
