@@ -161,6 +161,8 @@ class ControlPlane:
     # ----- lifecycle -----
     def start(self) -> None:
         with socket.socket() as probe:
+            # Like Go's listeners: TIME_WAIT leftovers of a previous run must not count as "taken".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", ISTIOD_TLS_PORT))
             except OSError as exc:
