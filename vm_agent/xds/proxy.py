@@ -217,6 +217,7 @@ class Proxy:
 
     async def run(self) -> None:
         path = self._settings.socket_path
+        self._stopping = False
         _prepare_socket_path(path)
         server = grpc.aio.server(
             options=[
@@ -319,6 +320,9 @@ class Proxy:
                 stream.channel = open_channel(self._settings.upstream, self._client_cert)
             except UpstreamError as exc:
                 stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, str(exc))
+            except Exception as exc:  # e.g. a client certificate grpc cannot load
+                log.exception("stream %d: cannot dial %s", stream.id, self._settings.upstream.address)
+                stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, f"cannot dial the discovery server: {exc}")
             else:
                 multicallable = stream.channel.stream_stream(
                     f"/{ADS_SERVICE}/{_METHODS[flavour]}", request_serializer=None, response_deserializer=None
@@ -347,6 +351,13 @@ class Proxy:
                 stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
             self._record_end(stream, stream.end or _End("downstream", grpc.StatusCode.CANCELLED, ""))
             raise
+        except Exception:
+            # A bug in this stream's handling: end this stream loudly, keep serving the others.
+            log.exception("stream %d: internal error in the xDS proxy", stream.id)
+            end = _End("agent", grpc.StatusCode.INTERNAL, "internal error in the xDS proxy")
+            self._record_end(stream, end)
+            context.set_code(end.code)
+            context.set_details(end.details)
         finally:
             stream.ended.set()
             if stream.upstream_state == "streaming":

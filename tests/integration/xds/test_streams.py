@@ -173,3 +173,17 @@ async def test_run_binds_0660_and_removes_socket_on_cancel(tmp_path: Path, pki: 
         assert proxy.snapshot()["upstream"]["state"] == "idle"
     assert not settings.socket_path.exists()
     assert not proxy.ready.is_set()
+
+
+async def test_unusable_client_certificate_fails_the_stream_not_the_proxy(
+    tmp_path: Path, pki: XdsPki, ads: AdsServer, channel: grpc.aio.Channel
+) -> None:
+    async with running_proxy(settings_for(tmp_path, pki, ads), client_cert=lambda: (b"not a key", b"not a chain")) as p:
+        call = open_delta(channel)
+        await call.write(request(CDS, node=True))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        last = p.snapshot()["upstream"]["last_disconnect"]
+        assert (last["side"], last["code"]) == ("upstream", "UNAVAILABLE")
+        assert p.ready.is_set()
