@@ -160,15 +160,25 @@ class _Stream:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end: _End | None = None
     channel: grpc.aio.Channel | None = None
+    queued: int = 0
+    written: int = 0
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set after every upstream write, so ``Proxy.flush`` can wait for a position in the outbox."""
 
     def finish(self, side: str, code: grpc.StatusCode, details: str) -> None:
         # The first cause wins: once one side ended, the other side's errors are consequences.
         if self.end is None:
             self.end = _End(side, code, details)
         self.ended.set()
+        self.progress.set()
 
     def send_control(self, message: bytes) -> None:
+        self.queued += 1
         self.outbox.put_nowait((message, False))
+
+    def forward(self, message: bytes) -> None:
+        self.queued += 1
+        self.outbox.put_nowait((message, True))
 
     def as_dict(self) -> dict[str, Any]:
         state = self.upstream_state
@@ -260,6 +270,27 @@ class Proxy:
         stream = self._registered
         if stream is not None and stream.initial_sent and not stream.ended.is_set():
             self._send_health(stream, "event")
+
+    async def flush(self, within_s: float) -> bool:
+        """Wait until everything queued so far on the registered stream (a last health report before
+        shutdown, say) has been handed to the upstream connection. False if that did not happen in time
+        or there is no stream past its first LDS request to send on.
+        """
+        stream = self._registered
+        if stream is None or not stream.initial_sent:
+            return False
+        target = stream.queued
+
+        async def drained() -> None:
+            while stream.written < target and not stream.ended.is_set():
+                stream.progress.clear()
+                await stream.progress.wait()
+
+        try:
+            await asyncio.wait_for(drained(), within_s)
+        except TimeoutError:
+            return False
+        return stream.written >= target
 
     def snapshot(self) -> dict[str, Any]:
         live = [s for s in self._streams.values() if s.upstream_state == "streaming"]
@@ -360,6 +391,7 @@ class Proxy:
             context.set_details(end.details)
         finally:
             stream.ended.set()
+            stream.progress.set()
             if stream.upstream_state == "streaming":
                 _UPSTREAM_UP.dec()
             stream.upstream_state = "ended"
@@ -417,7 +449,7 @@ class Proxy:
             stream.requests += 1
             if head.response_nonce:
                 self._record_ack(head.type_url, head.error_message, "envoy")
-            stream.outbox.put_nowait((message, True))
+            stream.forward(message)
             if not stream.initial_sent and head.type_url == LISTENER_TYPE_URL:
                 if self._settings.dns_enabled:
                     stream.send_control(build_request(stream.flavour, NAME_TABLE_TYPE_URL))
@@ -437,6 +469,8 @@ class Proxy:
                 # The call already finished; the response pump reports its status.
                 await stream.ended.wait()
                 return
+            stream.written += 1
+            stream.progress.set()
             if from_envoy:
                 stream.credits.release()
 

@@ -187,3 +187,24 @@ async def test_unusable_client_certificate_fails_the_stream_not_the_proxy(
         last = p.snapshot()["upstream"]["last_disconnect"]
         assert (last["side"], last["code"]) == ("upstream", "UNAVAILABLE")
         assert p.ready.is_set()
+
+
+async def test_flush_waits_for_the_last_health_report(
+    tmp_path: Path, pki: XdsPki, ads: AdsServer, channel: grpc.aio.Channel
+) -> None:
+    async with running_proxy(settings_for(tmp_path, pki, ads)) as proxy:
+        call = open_delta(channel)
+        await call.write(request(CDS, node=True))
+        await call.read()
+        assert await proxy.flush(1.0) is False  # no LDS yet: nothing may be sent
+        await call.write(request(LDS))
+        await ads.wait_for(lambda: ads.streams[0].requests_of(LDS), what="LDS upstream")
+        proxy.report_health(HealthEvent(False, "agent is shutting down"))
+        assert await proxy.flush(5.0) is True
+        await ads.wait_for(
+            lambda: ads.streams[0].requests_of(HEALTH_INFO_TYPE_URL), what="the report at the server", timeout=5
+        )
+        assert ads.streams[0].requests_of(HEALTH_INFO_TYPE_URL)[-1].error_detail.message == "agent is shutting down"
+        call.cancel()
+        await ads.wait_for(lambda: proxy.snapshot()["streams"]["active"] == [], what="stream gone")
+        assert await proxy.flush(0.5) is False
