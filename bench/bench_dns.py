@@ -1,9 +1,9 @@
 """DNS proxy vs dnsmasq: QPS and latency for table hits (1,000 and 100,000 names) and forwarded names.
 
-Both servers run in the same run, pinned to core 0; dnsperf (and the upstream dnsmasq that
-forwarded names go to) run on core 1.  dnsmasq serves the same names from a hosts file.  Two
-dnsperf runs per (case, server): one saturating (100 queries outstanding) for QPS, one at a
-fixed rate both can sustain, with per-query latencies (``-v``) for p50/p99.
+Both servers run at the same time, pinned to core 0; dnsperf (and the upstream dnsmasq that
+forwarded names go to) run on core 1.  dnsmasq serves the same names from a hosts file.  dnsperf
+alternates between the servers: saturating runs (100 queries outstanding) for QPS, then runs at a
+fixed rate both sustain, with per-query latencies (``-v``) for p50/p99.
 
 Needs root-free tools from Debian: ``apt-get install -y dnsperf dnsmasq`` (taskset is util-linux).
 Writes bench/results/dns.md.
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "dns.md"
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
-DURATION = float(os.environ.get("BENCH_DNS_SECONDS", "6"))
+DURATION = float(os.environ.get("BENCH_DNS_SECONDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_DNS_ROUNDS", "3"))
 FIXED_RATE = int(os.environ.get("BENCH_DNS_RATE", "10000"))
 UPSTREAM_HOST = "127.0.0.3"
 FORWARDED_NAMES = 1000
@@ -95,13 +96,26 @@ def dnsperf(port: int, queries: Path, rate: int | None, verbose: bool) -> tuple[
     return qps, lost, latencies
 
 
-def measure(port: int, queries: Path) -> Run:
-    qps, lost, _ = dnsperf(port, queries, None, False)
-    _, _, lat = dnsperf(port, queries, FIXED_RATE, True)
-    lat.sort()
-    if not lat:
-        return Run(qps, lost, float("nan"), float("nan"))
-    return Run(qps, lost, statistics.median(lat) * 1e3, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3)
+def measure(ports: dict[str, int], queries: Path) -> dict[str, Run]:
+    """Alternate the servers run by run, so a load change on the shared machine hits both alike."""
+    qps: dict[str, list[float]] = {name: [] for name in ports}
+    lost: dict[str, list[float]] = {name: [] for name in ports}
+    lat: dict[str, list[float]] = {name: [] for name in ports}
+    for _ in range(ROUNDS):
+        for name, port in ports.items():
+            q, loss, _ = dnsperf(port, queries, None, False)
+            qps[name].append(q)
+            lost[name].append(loss)
+    for _ in range(2):
+        for name, port in ports.items():
+            lat[name] += dnsperf(port, queries, FIXED_RATE, True)[2]
+    out: dict[str, Run] = {}
+    for name in ports:
+        times = sorted(lat[name])
+        p50 = statistics.median(times) * 1e3 if times else float("nan")
+        p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3 if times else float("nan")
+        out[name] = Run(statistics.median(qps[name]), max(lost[name]), p50, p99)
+    return out
 
 
 def start(cmd: list[str], core: str) -> subprocess.Popen[bytes]:
@@ -130,6 +144,10 @@ def dnsmasq(port: int, host: str, hosts: Path | None, upstream: int | None, cach
     return cmd
 
 
+def serve_cmd(port: int, names: int, up_port: int) -> list[str]:
+    return [sys.executable, "-m", "bench.dns.serve", str(port), str(names), UPSTREAM_HOST, str(up_port)]
+
+
 def main() -> int:
     missing = [tool for tool in ("dnsperf", "dnsmasq", "taskset") if shutil.which(tool) is None]
     if missing:
@@ -156,22 +174,20 @@ def main() -> int:
                 hosts = work / f"mesh{names}.hosts"
                 hosts.write_text("".join(f"{mesh_ip(i)} svc{i}.bench.mesh\n" for i in range(names)))
                 probe = "fwd1.bench.test" if forwarded else "svc1.bench.mesh"
-                for server in ("dnsmasq", "vm-agent"):
-                    port = free_port("127.0.0.1")
-                    if server == "dnsmasq":
-                        cmd = dnsmasq(port, "127.0.0.1", hosts, up_port, cache=not forwarded)
-                    else:
-                        cmd = [sys.executable, "-m", "bench.dns.serve", str(port), str(names), UPSTREAM_HOST]
-                        cmd.append(str(up_port))
-                    proc = start(cmd, SERVER_CORE)
-                    try:
+                ports = {"dnsmasq": free_port("127.0.0.1"), "vm-agent": free_port("127.0.0.1")}
+                procs = [
+                    start(dnsmasq(ports["dnsmasq"], "127.0.0.1", hosts, up_port, cache=not forwarded), SERVER_CORE),
+                    start(serve_cmd(ports["vm-agent"], names, up_port), SERVER_CORE),
+                ]
+                try:
+                    for port in ports.values():
                         wait_udp(port, probe)
-                        run = measure(port, queries)
-                    finally:
+                    runs = measure(ports, queries)
+                finally:
+                    for proc in procs:
                         stop(proc)
-                    print(
-                        f"{label:32} {server:9} {run.qps:10.0f} qps  p50 {run.p50_ms:.3f} ms  p99 {run.p99_ms:.3f} ms"
-                    )
+                for server, run in runs.items():
+                    print(f"{label:32} {server:9} {run.qps:8.0f} qps p50 {run.p50_ms:.3f} ms p99 {run.p99_ms:.3f} ms")
                     rows.append((label, server, run))
         finally:
             stop(upstream)
@@ -188,8 +204,9 @@ def write_results(rows: list[tuple[str, str, Run]]) -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (the machine is shared, "
         "runs vary 10-25 %: read the ratios, same run).",
         f"Servers pinned to core {SERVER_CORE}, dnsperf and the upstream dnsmasq to core {CLIENT_CORE}. "
-        f"QPS: dnsperf saturating, 100 queries outstanding, {DURATION:g} s. "
-        f"Latency: a second dnsperf run at a fixed {FIXED_RATE:,} QPS, per-query times from `-v`.",
+        f"QPS: median of {ROUNDS} dnsperf runs per server, alternating servers, saturating "
+        f"(100 queries outstanding), {DURATION:g} s each. "
+        f"Latency: two more runs per server at a fixed {FIXED_RATE:,} QPS, per-query times from `-v`.",
         "dnsmasq serves the mesh names from a hosts file; for forwarded names its cache is off "
         "(`--cache-size=0`), like the proxy, which never caches upstream answers.",
         "",

@@ -53,7 +53,8 @@ class Forwarder:
             try:
                 return await self._one(upstream, query, tcp, bufsize)
             except UpstreamError as err:
-                log.info("upstream %s:%d failed: %s", upstream[0], upstream[1], err)
+                # Per query, so debug: a dead resolver shows in the failure counters instead.
+                log.debug("%s", err)
         return None
 
     async def _parallel(self, query: bytes, tcp: bool, bufsize: int) -> bytes | None:
@@ -63,7 +64,7 @@ class Forwarder:
                 try:
                     return await next_done
                 except UpstreamError as err:
-                    log.info("upstream failed (parallel): %s", err)
+                    log.debug("%s (parallel)", err)
             return None
         finally:
             for task in tasks:

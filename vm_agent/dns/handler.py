@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from vm_agent.dns import wire
-from vm_agent.dns.index import Answer, IdSource, NameIndex, random_id, shuffle
+from vm_agent.dns.index import IdSource, NameIndex, Prebuilt, random_id, shuffle
 
 
 def _accepted_headers() -> dict[bytes, tuple[bytes, bool]]:
@@ -52,7 +52,7 @@ class Decision:
     message: wire.Message | None = None  # MISS, UNSYNCED: the parsed query, for SERVFAIL and sizing
 
 
-def fast_reply(exact: dict[bytes, Answer], data: bytes, tcp: bool, next_id: IdSource) -> bytes | None:
+def fast_reply(exact: dict[bytes, Prebuilt], data: bytes, tcp: bool, next_id: IdSource) -> bytes | None:
     """The reply for a plain A/AAAA/IN query of an exactly known name, or None for the slow path.
 
     Safe on any input: the question is only trusted after it matched a key byte for byte, and keys
@@ -81,14 +81,14 @@ def fast_reply(exact: dict[bytes, Answer], data: bytes, tcp: bool, next_id: IdSo
         return None
     else:
         limit = wire.MIN_UDP_SIZE
-    tail = answer.tail
-    if tail is not None and question == key:
-        reply = data[0:2] + flags + tail
-    elif answer.records is not None:
-        reply = b"".join((data[0:2], flags, answer.counts, question, answer.records))
+    if isinstance(answer, bytes):
+        if question == key:
+            reply = data[0:2] + flags + answer
+        else:
+            # Mixed case: the client's spelling of the question between counts and records.
+            reply = b"".join((data[0:2], flags, answer[:8], question, answer[8 + len(key) :]))
     else:
-        counts, records = answer.counts_and_records(next_id)
-        reply = b"".join((data[0:2], flags, counts, question, records))
+        reply = b"".join((data[0:2], flags, answer.counts, question, answer.records(next_id)))
     if len(reply) > limit and not tcp:
         return None  # needs compression or TC: the general path does that
     return reply

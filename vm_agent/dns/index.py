@@ -64,40 +64,38 @@ def _counts(answers: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The answer to one (name, A or AAAA) as an exact hit returns it.
+    """An answer the fast path splices per query: NODATA, or records that get shuffled.
 
-    ``tail`` is everything after the flags for a client that asked in lower case: counts, the
-    question, the records (None when the records get shuffled).  ``counts`` and ``records`` serve
-    a mixed-case question, which is spliced in between; ``head`` is a CNAME RR that always comes
-    first and ``addrs`` the A/AAAA RRs that get shuffled.
+    ``head`` is a CNAME RR that always comes first, ``addrs`` the A/AAAA RRs that get shuffled.
     """
 
-    tail: bytes | None
-    counts: bytes
-    records: bytes | None
+    counts: bytes  # the header's last eight bytes
     head: bytes
     addrs: tuple[bytes, ...]
 
-    def counts_and_records(self, next_id: IdSource) -> tuple[bytes, bytes]:
-        """(counts, answer RRs) with the addresses shuffled."""
+    def records(self, next_id: IdSource) -> bytes:
+        if len(self.addrs) < 2:
+            return self.head + b"".join(self.addrs)
         addrs = list(self.addrs)
         shuffle(addrs, next_id)
-        return self.counts, self.head + b"".join(addrs)
+        return self.head + b"".join(addrs)
 
 
-# NODATA: no tail kept per name (the common AAAA-of-a-v4-service case would double the memory).
-EMPTY_ANSWER = Answer(None, _counts(0), b"", b"", ())
+# A one-record answer (the common case) is stored as its finished tail instead: counts, question
+# (lower case), records — so a hit is one dict lookup and one concatenation.
+Prebuilt = bytes | Answer
+
+NODATA = Answer(_counts(0), b"", ())
 
 
-def _answer(question: bytes, head: bytes, addrs: tuple[bytes, ...]) -> Answer:
+def _answer(question: bytes, head: bytes, addrs: tuple[bytes, ...]) -> Prebuilt:
     if not addrs:
         # The CNAME goes too: Istio answers NODATA, not a dangling CNAME.
-        return EMPTY_ANSWER
+        return NODATA
     counts = _counts(len(addrs) + (1 if head else 0))
     if len(addrs) == 1:
-        records = head + addrs[0]
-        return Answer(counts + question + records, counts, records, head, addrs)
-    return Answer(None, counts, None, head, addrs)
+        return counts + question + head + addrs[0]
+    return Answer(counts, head, addrs)
 
 
 @dataclass(slots=True)
@@ -114,7 +112,7 @@ class NameIndex:
     """Read-only after ``build_index``; shared between threads."""
 
     # lower-cased question (wire name + type + class IN) → answer; the fast path's only lookup
-    exact: dict[bytes, Answer]
+    exact: dict[bytes, Prebuilt]
     hosts: dict[bytes, _Host]
     entries: int
     skipped: int
@@ -237,7 +235,7 @@ def build_index(
                     if target is None:
                         target = hosts[expanded] = _Host()
                     target.cname = key
-    exact: dict[bytes, Answer] = {}
+    exact: dict[bytes, Prebuilt] = {}
     wildcards = False
     for key, host in hosts.items():
         for qtype, suffix in ((wire.TYPE_A, _A_IN), (wire.TYPE_AAAA, _AAAA_IN)):
@@ -251,7 +249,7 @@ _A_IN = b"\x00\x01\x00\x01"
 _AAAA_IN = b"\x00\x1c\x00\x01"
 
 
-def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int, question: bytes) -> Answer:
+def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int, question: bytes) -> Prebuilt:
     head = b""
     owner = key
     if host.cname is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import ipaddress
 import socket
 import struct
@@ -108,6 +109,7 @@ class DnsServer:
         self._pending: set[asyncio.Task[None]] = set()
         self._tcp_tasks: set[asyncio.Task[Any]] = set()
         self.tcp_idle_timeout = TCP_IDLE_TIMEOUT
+        self._update_lock = asyncio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -197,6 +199,11 @@ class DnsServer:
         """Replace the table atomically; ``ValueError`` (and the old table stays) if malformed."""
         if not isinstance(table, nds_pb2.NameTable):
             raise ValueError(f"NameTable expected, got {type(table).__name__}")
+        # One build at a time, so an older table finishing late can never replace a newer one.
+        async with self._update_lock:
+            await self._update(table)
+
+    async def _update(self, table: nds_pb2.NameTable) -> None:
         s = self.settings
         try:
             index, kept = await asyncio.to_thread(_build, table, s.search_domains, s.pod_namespace, s.proxy_domain)
@@ -267,8 +274,10 @@ class DnsServer:
         while not self._stopping:
             try:
                 data, addr = recvfrom(65535)
-            except OSError:
-                continue
+            except OSError as err:
+                if err.errno == errno.EBADF:
+                    break
+                continue  # e.g. ECONNREFUSED left over from an ICMP error: nothing to answer
             if not data:
                 continue
             try:
