@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ def control_plane() -> Iterator[ControlPlane]:
     finally:
         cp.stop()
         _keep_logs(work)
+        (cache_dir() / "last-run-logs" / "startup.json").write_text(json.dumps(cp.startup_s, indent=1))
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -286,8 +286,9 @@ class ControlPlane:
             "defaultConfig:\n"
             f"  discoveryAddress: istiod.istio-system.svc:{self.istiod_secure_port}\n"
             "  proxyMetadata:\n"
+            # DNS_AUTO_ALLOCATE is deprecated (istiod warns at mesh validation); istiod's own IP allocator
+            # (PILOT_ENABLE_IP_AUTOALLOCATE, default on) serves DNS_CAPTURE proxies.
             '    ISTIO_META_DNS_CAPTURE: "true"\n'
-            '    ISTIO_META_DNS_AUTO_ALLOCATE: "true"\n'
         )
 
     def start_istiod(self) -> None:
