@@ -1,18 +1,20 @@
 """Forwarding queries the NameTable does not own to the original resolv.conf servers.
 
-The client's packet goes out unchanged (same ID, flags, EDNS0) over the client's transport, one
-fresh socket per exchange like miekg/dns's client, so concurrent queries with equal IDs cannot be
-confused.  Sequential mode tries the servers in a shuffled order until one answers (any RCODE is an
-answer); parallel mode asks all and takes the first answer.  None means every server failed.
+The client's packet goes out unchanged (flags, EDNS0) over the client's transport: over TCP on a
+fresh connection like miekg/dns's client, over UDP on one shared connected socket per upstream
+under a fresh random ID (the client's ID is restored on the reply).  Sequential mode tries the
+servers in a shuffled order until one answers (any RCODE is an answer); parallel mode asks all
+and takes the first answer.  None means every server failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import random
 import struct
 from collections.abc import Sequence
+from typing import Any, cast
 
 from vm_agent.dns import wire
 from vm_agent.dns.index import IdSource, random_id, shuffle
@@ -40,6 +42,22 @@ class Forwarder:
         self.parallel = parallel
         self._next_id = next_id
         self.failures: dict[str, int] = {f"{h}:{p}": 0 for h, p in self.upstreams}
+        self._channels: dict[Address, _UdpChannel] = {}
+
+    async def _channel(self, upstream: Address) -> _UdpChannel:
+        channel = self._channels.get(upstream)
+        if channel is None or channel.transport is None:
+            channel = _UdpChannel(f"{upstream[0]}:{upstream[1]}")
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: channel, remote_addr=upstream)
+            self._channels[upstream] = channel
+        return channel
+
+    def close(self) -> None:
+        """Close the upstream sockets (in the loop that used them)."""
+        for channel in self._channels.values():
+            if channel.transport is not None:
+                channel.transport.close()
+        self._channels.clear()
 
     async def exchange(self, query: bytes, tcp: bool, bufsize: int) -> bytes | None:
         """The first upstream reply to ``query``, or None when every server failed."""
@@ -77,7 +95,7 @@ class Forwarder:
                 if tcp:
                     reply = await _tcp_exchange(upstream, query)
                 else:
-                    reply = await _udp_exchange(upstream, query, bufsize)
+                    reply = await (await self._channel(upstream)).exchange(query, bufsize)
             # miekg/dns unpacks the reply; one it cannot parse counts as a failed server.
             wire.parse_message(reply)
             return reply
@@ -87,30 +105,68 @@ class Forwarder:
             raise UpstreamError(f"{upstream[0]}:{upstream[1]}: {reason}") from None
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+class _UdpChannel(asyncio.DatagramProtocol):
+    """One connected UDP socket to one upstream, shared by all queries in flight to it.
 
+    Each query goes out under a fresh random ID (the client's is put back on the reply), so
+    concurrent clients using the same ID cannot be confused.  Connecting the socket makes the
+    kernel drop datagrams from anyone but the upstream and turns ICMP port-unreachable into an
+    error, so a dead server fails fast instead of timing out.
+    """
 
-async def _udp_exchange(upstream: Address, query: bytes, bufsize: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(_family(upstream[0]), socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        # connect() makes the kernel drop datagrams from anyone but the upstream and report ICMP
-        # port-unreachable as ECONNREFUSED, so a dead server fails fast instead of timing out.
-        await loop.sock_connect(sock, upstream)
-        await loop.sock_sendall(sock, query)
-        while True:
-            # One byte more than allowed, to see an oversized (untruncated) reply and reject it the
-            # way a fixed-size receive buffer would.
-            reply = await loop.sock_recv(sock, bufsize + 1)
-            if len(reply) > bufsize:
-                raise UpstreamError(f"reply of more than {bufsize} bytes exceeds the client's UDP size")
-            if len(reply) >= wire.HEADER_LEN and reply[0:2] == query[0:2] and reply[2] & 0x80:
-                return reply
-            # Wrong ID or not a response: keep waiting for the real one (until the timeout).
-    finally:
-        sock.close()
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+        # our ID → (future, the client's UDP size, the client's ID)
+        self.waiting: dict[int, tuple[asyncio.Future[bytes], int, bytes]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport is not an asyncio.DatagramTransport subclass, only quacks like one.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) < wire.HEADER_LEN or not data[2] & 0x80:
+            return
+        entry = self.waiting.pop((data[0] << 8) | data[1], None)
+        if entry is None:
+            return  # late (timed out) or not ours
+        future, bufsize, client_id = entry
+        if future.done():
+            return
+        if len(data) > bufsize:
+            # What a receive buffer of the client's size would do to an untruncated reply.
+            future.set_exception(UpstreamError(f"reply of {len(data)} bytes exceeds the client's UDP size {bufsize}"))
+        else:
+            future.set_result(client_id + data[2:])
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors do not say which query they belong to: fail them all, the next server gets them.
+        self._fail_all(UpstreamError(f"{self.name}: {exc.strerror if isinstance(exc, OSError) else exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail_all(UpstreamError(f"{self.name}: socket closed"))
+
+    def _fail_all(self, err: UpstreamError) -> None:
+        waiting, self.waiting = self.waiting, {}
+        for future, _, _ in waiting.values():
+            if not future.done():
+                future.set_exception(err)
+
+    async def exchange(self, query: bytes, bufsize: int) -> bytes:
+        if self.transport is None or len(self.waiting) >= 0x8000:
+            raise UpstreamError(f"{self.name}: channel unavailable")
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        qid = random.getrandbits(16)
+        while qid in self.waiting:
+            qid = random.getrandbits(16)
+        self.waiting[qid] = (future, bufsize, query[0:2])
+        try:
+            self.transport.sendto(qid.to_bytes(2, "big") + query[2:])
+            return await future
+        finally:
+            if self.waiting.get(qid, (None,))[0] is future:
+                del self.waiting[qid]
 
 
 async def _tcp_exchange(upstream: Address, query: bytes) -> bytes:

@@ -184,6 +184,7 @@ class DnsServer:
             for task in [*self._pending, *self._tcp_tasks]:
                 task.cancel()
             await asyncio.gather(*self._pending, *self._tcp_tasks, return_exceptions=True)
+            self._forwarder.close()
             for reader in readers:
                 await asyncio.to_thread(reader.join, 5)
             for udp in udp_socks:

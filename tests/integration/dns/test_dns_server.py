@@ -429,3 +429,14 @@ async def test_run_cancels_cleanly_and_frees_ports(upstream: TestResolver) -> No
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", port))
+
+
+async def test_concurrent_forwards_with_equal_ids_are_not_confused(server: DnsServer, upstream: TestResolver) -> None:
+    names = [f"host{i}.example.net" for i in range(40)]
+    replies = await asyncio.gather(*(udp_exchange(addr(server), question(n, qid=1)) for n in names))
+    for name, raw in zip(names, replies, strict=True):
+        reply = dnslib.DNSRecord.parse(raw)
+        assert reply.header.id == 1
+        assert str(reply.q.qname) == name + "."
+        assert str(reply.rr[0].rname) == name + "."
+    assert len(upstream.queries) == 40
