@@ -149,8 +149,9 @@ class ControlPlane:
         self.admin_token = secrets.token_hex(16)
         self.etcd_url = f"http://127.0.0.1:{free_port()}"
         # Kept for the whole session: a restarted istiod comes back on the same ports, like a real one.
-        # istioctl writes CA_ADDR=istiod.istio-system.svc:15012 into cluster.env whatever the mesh's
-        # discoveryAddress says (istioctl/pkg/workload/workload.go IstiodAddr), so the TLS port is fixed.
+        # A VM's CA address does not follow the mesh's discoveryAddress: istio-start.sh (and vm-agent, which
+        # loads the files the same way) defaults CA_ADDR to istiod.<ns>.svc:15012, and istioctl writes no
+        # CA_ADDR for the default revision. So istiod's TLS port is fixed; every other port is free-picked.
         self.istiod_secure_port = ISTIOD_TLS_PORT
         self.istiod_plain_port = free_port()
         self.istiod_http_port = free_port()
@@ -167,8 +168,8 @@ class ControlPlane:
                 probe.bind(("127.0.0.1", ISTIOD_TLS_PORT))
             except OSError as exc:
                 raise LabError(
-                    f"127.0.0.1:{ISTIOD_TLS_PORT} is taken ({exc.strerror}); istiod needs it because istioctl "
-                    "hard-codes CA_ADDR=istiod.istio-system.svc:15012 in cluster.env. Is another interop run going?"
+                    f"127.0.0.1:{ISTIOD_TLS_PORT} is taken ({exc.strerror}); istiod needs it because istioctl's "
+                    "files leave CA_ADDR at its istio-start.sh default istiod.istio-system.svc:15012. Another interop run?"
                 ) from exc
         t0 = time.monotonic()
         self._start_etcd()
