@@ -236,7 +236,8 @@ class Proxy:
                 ("grpc.max_concurrent_streams", 100_000),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
+                # Istio enforces a 15 s minimum between client pings (half its 30 s keepalive time).
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 15_000),
             ]
         )
         handlers = {
