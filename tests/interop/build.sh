@@ -22,7 +22,11 @@ mkdir -p "$B" "$W/src/localkube"
 export CGO_ENABLED=0
 NICE=${VM_AGENT_INTEROP_NICE:-nice -n 10}
 
-command -v go >/dev/null || { echo "build.sh: 'go' not found on PATH (need Go >= 1.24 for 'go get -tool')" >&2; exit 2; }
+# Debian's golang is too old for 'go get -tool'; the machine image has Go in /usr/local/go.
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null || { echo "build.sh: 'go' not found on PATH or in /usr/local/go/bin (need Go >= 1.24)" >&2; exit 2; }
+# The suite drives the apiserver with kubectl >= 1.24 ('create token'); Debian bookworm's 1.20 is too old.
+command -v kubectl >/dev/null || echo "build.sh: warning: no kubectl on PATH; the interop suite needs kubectl >= 1.24" >&2
 
 # A binary counts as built only if its pin file names the version this script asks for; a half-written
 # binary from an interrupted run has no pin file and is rebuilt.

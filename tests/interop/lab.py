@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from tests.helpers.net import free_port
 
 ISTIO_VERSION = "v0.0.0-20260827124520-eed52ebb66ad"
@@ -214,11 +217,15 @@ class ControlPlane:
     def _start_apiserver(self) -> None:
         pki = self.work / "pki"
         pki.mkdir()
-        subprocess.run(["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True)
-        subprocess.run(
-            ["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")],
-            check=True,
-            capture_output=True,
+        # The service-account signing key makes TokenRequest/TokenReview real; generated here, no openssl needed.
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        (pki / "sa.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        (pki / "sa.pub").write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
         (pki / "tokens.csv").write_text(f'{self.admin_token},admin,admin-uid,"system:masters"\n')
         self.kubeconfig.write_text(
