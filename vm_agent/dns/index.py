@@ -131,10 +131,13 @@ class NameIndex:
         key = qname_lower
         host = self.hosts.get(key)
         wildcard = False
-        if host is None and self.wildcards:
+        if host is None and self.wildcards and qname_lower[0] != 0:
             pos = 0
-            while qname_lower[pos] != 0:
+            # Strip one label at a time; never down to a bare "*." (Istio builds "*.." there).
+            while True:
                 pos += 1 + qname_lower[pos]
+                if qname_lower[pos] == 0:
+                    break
                 candidate = b"\x01*" + qname_lower[pos:]
                 host = self.hosts.get(candidate)
                 if host is not None:

@@ -137,6 +137,11 @@ def test_wildcards_most_specific_first_and_cname_owner() -> None:
         (name("y.x.c.example.org"), wire.TYPE_A, b"\n\x02\x00\x01")
     ]
     assert idx.lookup(name("example.org"), wire.TYPE_A) is None
+    # A host named "*" is not a catch-all (Istio's suffix walk never produces "*.").
+    star = build_index(table(STAR=info(["10.9.0.1"])), (), "ns1", "")
+    assert star.lookup(name("anything.example"), wire.TYPE_A) is None
+    assert star.lookup(b"\x00", wire.TYPE_A) is None
+    assert star.lookup(name("*"), wire.TYPE_A) is not None
     # A wildcard hit through the CNAME shortcut keeps the wildcard owner on the address record.
     got = idx.lookup(name("q.example.org.ns1.svc.cluster.local"), wire.TYPE_A)
     assert got == [
