@@ -223,6 +223,14 @@ class DnsServer:
     def table_loaded(self) -> bool:
         return self._index is not None
 
+    async def readiness(self) -> str | None:
+        """A readiness check for the status server: Istio's /healthz/ready waits for the NameTable."""
+        if not self.ready.is_set():
+            return "DNS proxy is not listening yet"
+        if self._index is None:
+            return "DNS proxy has not received a NameTable yet"
+        return None
+
     def ndsz(self) -> dict[str, Any]:
         index, table = self._index, self._table
         if index is None or table is None:

@@ -179,10 +179,11 @@ async def test_forwards_before_first_name_table(
 ) -> None:
     server = await make_server(((upstream.host, upstream.port),))
     assert not server.table_loaded()
+    assert await server.readiness() == "DNS proxy has not received a NameTable yet"
     reply = await ask(transport, server, "details.ns1.svc.cluster.local")
     assert ips(reply) == ["192.0.2.1"]
     await server.update(mesh_table())
-    assert server.table_loaded()
+    assert server.table_loaded() and await server.readiness() is None
     assert ips(await ask(transport, server, "details.ns1.svc.cluster.local")) == ["10.0.0.1"]
 
 
