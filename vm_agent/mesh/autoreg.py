@@ -280,8 +280,10 @@ class WorkloadEntryController:
                 if self._deadlines:
                     wait = min(wait, self._deadlines[0][0] - now)
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races the wake-up.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.01))
+                    async with asyncio.timeout(max(wait, 0.01)):
+                        await self._wake.wait()
         finally:
             self._deadlines.clear()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from prometheus_client import Counter
 
 from vm_agent.logs import get_logger
 from vm_agent.mesh import xdsgen
+from vm_agent.mesh.admin import serve_admin
 from vm_agent.mesh.ads import AdsService, Connection, Resources
 from vm_agent.mesh.auth import Authenticator, AuthError, Caller
 from vm_agent.mesh.autoreg import WorkloadEntryController
@@ -43,6 +46,8 @@ CA_REJECTED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+RUNTIME_FILE = "mesh.json"
 
 # istiod's serving certificate names besides the configured discovery host (server.go).
 _ISTIOD_NAMES = ("istiod.istio-system.svc", "istiod-remote.istio-system.svc", "istio-pilot.istio-system.svc")
@@ -314,18 +319,45 @@ class MeshServer:
             async with asyncio.TaskGroup() as tg:
                 for coro in self._background():
                     tg.create_task(coro)
+                admin_host, admin_port = split_host_port(self.settings.admin_listen, "admin_listen")
+                admin_started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+                admin = tg.create_task(serve_admin(self, admin_host, admin_port, admin_started))
+                await asyncio.wait([admin_started, admin], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+                if not admin_started.done():
+                    admin.result()  # startup failed: raise why
+                self._admin_url = admin_started.result()
+                self._write_runtime_file()
                 self.ready.set()
                 log.info("local mesh serving on %s (TLS)", self._xds_address)
                 await asyncio.Event().wait()
         finally:
             self.ready.clear()
+            with contextlib.suppress(OSError):
+                (self.settings.state_dir / RUNTIME_FILE).unlink()
             for server in servers:
                 server.close()
             for server in servers:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server.wait_closed(), 5)
+                    async with asyncio.timeout(5):
+                        await server.wait_closed()
             for s in socks:
                 s.close()
+
+    def _write_runtime_file(self) -> None:
+        """Where this mesh listens, for ``vm-agent mesh get/apply/vm-files --state DIR``."""
+        info = {
+            "xds_address": self._xds_address,
+            "plaintext_address": self._plaintext_address,
+            "admin_url": self._admin_url,
+            "manifests_dir": str(self.settings.manifests_dir) if self.settings.manifests_dir else None,
+            "cluster_id": self.settings.cluster_id,
+            "trust_domain": self.settings.trust_domain,
+            "pid": os.getpid(),
+        }
+        path = self.settings.state_dir / RUNTIME_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path)
 
     def _background(self) -> Iterator[Any]:
         yield self.workload_entries_controller.run()
