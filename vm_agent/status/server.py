@@ -1,0 +1,195 @@
+"""The status server (pilot-agent's :15020): readiness, merged metrics, quit/drain, debug endpoints.
+
+Product decision: it listens on 127.0.0.1 unless configured, and the debug and control endpoints answer
+loopback clients only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from vm_agent.logs import get_logger
+from vm_agent.metrics import REGISTRY
+
+log = get_logger("status")
+
+SCRAPE_ERRORS = Counter(
+    "vm_agent_status_scrape_errors", "Failed scrapes of Envoy's stats for /stats/prometheus", registry=REGISTRY
+)
+READINESS_FAILURES = Counter("vm_agent_status_readiness_failures", "Readiness requests answered 503", registry=REGISTRY)
+
+ReadyCheck = Callable[[], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    listen_host: str = "127.0.0.1"
+    port: int = 15020
+    envoy_admin_port: int = 15000
+    envoy_prometheus_port: int = 15090
+
+
+def _is_loopback(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class StatusServer:
+    def __init__(
+        self,
+        settings: StatusSettings,
+        *,
+        envoy_ready: ReadyCheck,
+        readiness_checks: Sequence[ReadyCheck] = (),
+        snapshots: Mapping[str, Callable[[], dict[str, Any]]] | None = None,
+        ndsz: Callable[[], dict[str, Any]] | None = None,
+        on_quit: Callable[[], Awaitable[None]] | None = None,
+        on_drain: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._envoy_ready = envoy_ready
+        self._checks = list(readiness_checks)
+        self._snapshots = dict(snapshots or {})
+        self._ndsz = ndsz
+        self._on_quit = on_quit
+        self._on_drain = on_drain
+        self._shutting_down = False
+        self._last_reason: str | None = "not checked yet"
+        self._background: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()
+        self.port: int | None = None
+
+    def set_shutting_down(self) -> None:
+        self._shutting_down = True
+
+    async def readiness(self) -> str | None:
+        """None when ready, else the first reason (Envoy first, then the agent's own checks)."""
+        if self._shutting_down:
+            return "server is terminated"
+        for check in (self._envoy_ready, *self._checks):
+            reason = await check()
+            if reason is not None:
+                return reason
+        return None
+
+    # --- handlers ---
+    async def _ready(self, _: web.Request) -> web.Response:
+        reason = await self.readiness()
+        if reason != self._last_reason:
+            log.info("readiness: %s", "ready" if reason is None else f"not ready: {reason}")
+            self._last_reason = reason
+        if reason is None:
+            return web.Response(status=200)
+        READINESS_FAILURES.inc()
+        return web.Response(status=503, text=reason + "\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        envoy_text = ""
+        url = f"http://127.0.0.1:{self.settings.envoy_prometheus_port}/stats/prometheus"
+        if request.query_string:
+            url += "?" + request.query_string
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(url, headers={"Accept": "text/plain"}) as resp,
+            ):
+                if resp.status == 200:
+                    envoy_text = await resp.text()
+                else:
+                    SCRAPE_ERRORS.inc()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            SCRAPE_ERRORS.inc()
+        agent_text = generate_latest(REGISTRY).decode()
+        body = agent_text + ("\n" if agent_text and not agent_text.endswith("\n") else "") + envoy_text
+        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _local_post(self, request: web.Request) -> web.Response | None:
+        # Like pilot-agent: the loopback check comes before the method check.
+        if not _is_loopback(request):
+            return web.Response(status=403, text="only loopback clients may do this\n")
+        if request.method != "POST":
+            return web.Response(status=405, text="POST only\n")
+        return None
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def wrapper() -> None:
+            await coro
+
+        task = asyncio.ensure_future(wrapper())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quit(self, request: web.Request) -> web.Response:
+        denied = self._local_post(request)
+        if denied is not None:
+            return denied
+        if self._on_quit is not None:
+            self._spawn(self._on_quit())
+        return web.Response(text="OK")
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        denied = self._local_post(request)
+        if denied is not None:
+            return denied
+        if self._on_drain is not None:
+            await self._on_drain()
+        return web.Response(text="OK")
+
+    async def _debug_ndsz(self, request: web.Request) -> web.Response:
+        if not _is_loopback(request):
+            return web.Response(status=403)
+        if self._ndsz is None:
+            return web.json_response({}, status=404)
+        return web.json_response(self._ndsz(), dumps=lambda d: json.dumps(d, indent=1))
+
+    async def _debug_status(self, request: web.Request) -> web.Response:
+        if not _is_loopback(request):
+            return web.Response(status=403)
+        doc: dict[str, Any] = {}
+        for name, snap in self._snapshots.items():
+            try:
+                doc[name] = snap()
+            except Exception as err:
+                doc[name] = {"error": f"{type(err).__name__}: {err}"}
+        reason = await self.readiness()
+        doc["ready"] = {"ready": reason is None, "reason": reason}
+        return web.json_response(doc, dumps=lambda d: json.dumps(d, indent=1, default=str))
+
+    async def run(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/healthz/ready", self._ready)
+        app.router.add_route("*", "/stats/prometheus", self._metrics)
+        app.router.add_route("*", "/metrics", self._metrics)
+        app.router.add_route("*", "/quitquitquit", self._quit)
+        app.router.add_route("*", "/drain", self._drain)
+        app.router.add_route("*", "/debug/ndsz", self._debug_ndsz)
+        app.router.add_route("*", "/debug/status", self._debug_status)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.settings.listen_host, self.settings.port, reuse_address=True)
+            await site.start()
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.port
+            log.info("status server on %s:%d", self.settings.listen_host, self.port)
+            self.ready.set()
+            await asyncio.Event().wait()
+        finally:
+            for task in list(self._background):
+                task.cancel()
+            await runner.cleanup()
