@@ -110,13 +110,15 @@ class DnsServer:
         self._tcp_tasks: set[asyncio.Task[Any]] = set()
         self.tcp_idle_timeout = TCP_IDLE_TIMEOUT
         self._update_lock = asyncio.Lock()
+        self._group: asyncio.TaskGroup | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._stopping = False
-        thread = threading.Thread(target=self._thread_main, args=(started,), name="vm-agent-dns", daemon=True)
+        thread = threading.Thread(target=self._thread_main, args=(started, finished), name="vm-agent-dns", daemon=True)
         thread.start()
         try:
             await asyncio.wrap_future(started)
@@ -126,7 +128,9 @@ class DnsServer:
                 ", ".join(f"{h}:{p}" for h, p in self._bound),
                 ", ".join(f"{h}:{p}" for h, p in self.settings.upstreams) or "none",
             )
-            await asyncio.Future()
+            await asyncio.wrap_future(finished)
+            # Only a bug ends the DNS thread before we ask it to: let the agent's TaskGroup see it.
+            raise RuntimeError("DNS proxy thread stopped unexpectedly")
         finally:
             self.ready.clear()
             self._request_stop()
@@ -140,15 +144,22 @@ class DnsServer:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
 
-    def _thread_main(self, started: concurrent.futures.Future[None]) -> None:
+    def _thread_main(self, started: concurrent.futures.Future[None], finished: concurrent.futures.Future[None]) -> None:
         loop = uvloop.new_event_loop()
+        # A running future cannot be cancelled, so run() being cancelled (which cancels the
+        # wrappers) cannot make our set_result calls fail; run() stops us through _request_stop.
+        finished.set_running_or_notify_cancel()
         try:
             loop.run_until_complete(self._serve(started))
+            if not finished.done():
+                finished.set_result(None)
         except BaseException as err:
             if not started.done():
                 started.set_exception(err)
-            else:
+            elif not self._stopping:
                 log.exception("DNS thread failed")
+            if not finished.done():
+                finished.set_exception(err)
         finally:
             self._loop = None
             loop.close()
@@ -165,25 +176,32 @@ class DnsServer:
                 udp_socks.append(udp)
                 servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
                 self._bound.append((host, udp.getsockname()[1]))
-            if self._stopping:
+            if self._stopping or not started.set_running_or_notify_cancel():
                 return
             for udp in udp_socks:
                 reader = threading.Thread(target=self._udp_reader, args=(udp,), name="vm-agent-dns-udp", daemon=True)
                 reader.start()
                 readers.append(reader)
-            started.set_result(None)
-            await self._stop_event.wait()
+            # Forwards run in this group; it waits for them (cancelled below) before we close.
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                started.set_result(None)
+                await self._stop_event.wait()
+                self._stopping = True
+                for task in [*self._pending, *self._tcp_tasks]:
+                    task.cancel()
         finally:
             self._stopping = True
+            self._group = None
             for udp in udp_socks:
                 # Wakes the reader blocked in recvfrom (Linux returns an empty read).
                 with contextlib.suppress(OSError):
                     udp.shutdown(socket.SHUT_RDWR)
             for server in servers:
                 server.close()
-            for task in [*self._pending, *self._tcp_tasks]:
+            for task in self._tcp_tasks:
                 task.cancel()
-            await asyncio.gather(*self._pending, *self._tcp_tasks, return_exceptions=True)
+            await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
             self._forwarder.close()
             for reader in readers:
                 await asyncio.to_thread(reader.join, 5)
@@ -319,17 +337,24 @@ class DnsServer:
             stats.rcode(decision.reply)
 
     def _start_forward(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
-        if self._stopping:
+        group = self._group
+        if self._stopping or group is None:
             return
-        task = asyncio.get_running_loop().create_task(self._forward_udp(sock, data, addr, decision))
+        task = group.create_task(self._forward_udp(sock, data, addr, decision))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
         assert decision.message is not None
-        reply = await self._forward(data, False, wire.udp_limit(decision.message.edns_size), decision.message)
-        with contextlib.suppress(OSError):
+        try:
+            reply = await self._forward(data, False, wire.udp_limit(decision.message.edns_size), decision.message)
             sock.sendto(reply, addr)
+        except OSError:
+            pass  # the client went away; nothing to tell it
+        except Exception:
+            # One query's bug must not cancel the others in the group.
+            self._stats.outcome("error")
+            log.exception("forwarding a query from %s failed", addr)
 
     async def _forward(self, data: bytes, tcp: bool, bufsize: int, msg: wire.Message) -> bytes:
         reply = await self._forwarder.exchange(data, tcp, bufsize)

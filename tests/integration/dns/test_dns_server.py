@@ -441,3 +441,25 @@ async def test_concurrent_forwards_with_equal_ids_are_not_confused(server: DnsSe
         assert str(reply.q.qname) == name + "."
         assert str(reply.rr[0].rname) == name + "."
     assert len(upstream.queries) == 40
+
+
+async def test_cancel_during_startup_is_clean(upstream: TestResolver) -> None:
+    for delay in (0.0, 0.001, 0.01):
+        port = free_tcp_udp_port("127.0.0.1")
+        settings = DnsSettings(
+            listen=(("127.0.0.1", port),),
+            upstreams=((upstream.host, upstream.port),),
+            search_domains=(),
+            pod_namespace="ns1",
+            proxy_domain="",
+        )
+        server = DnsServer(settings)
+        task = asyncio.create_task(server.run())
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not server.ready.is_set()
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
