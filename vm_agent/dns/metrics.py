@@ -18,7 +18,16 @@ from vm_agent.metrics import REGISTRY
 
 
 class DnsStats:
-    __slots__ = ("__weakref__", "fast_hits", "forward_failed", "forward_ok", "names", "outcomes", "rcodes")
+    __slots__ = (
+        "__weakref__",
+        "fast_hits",
+        "forward_failed",
+        "forward_ok",
+        "names",
+        "outcomes",
+        "rcodes",
+        "upstream_failures",
+    )
 
     def __init__(self) -> None:
         self.fast_hits = 0  # table hits answered on the fast path (always NOERROR)
@@ -27,6 +36,7 @@ class DnsStats:
         self.forward_ok = 0
         self.forward_failed = 0
         self.names = 0
+        self.upstream_failures: dict[str, int] = {}  # "host:port" → failed exchanges (the Forwarder's dict)
 
     def outcome(self, name: str) -> None:
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
@@ -64,6 +74,10 @@ class _DnsCollector(Collector):
         responses = CounterMetricFamily("vm_agent_dns_responses", "DNS responses sent by RCODE", labels=["rcode"])
         forwards = CounterMetricFamily("vm_agent_dns_forwards", "Queries forwarded upstream", labels=["result"])
         names = GaugeMetricFamily("vm_agent_dns_table_names", "Names answered from the NameTable")
+        upstream = CounterMetricFamily(
+            "vm_agent_dns_upstream_failures", "Failed exchanges with one upstream resolver", labels=["upstream"]
+        )
+        u_total: dict[str, int] = {}
         q_total: dict[str, int] = {}
         r_total: dict[str, int] = {}
         ok = failed = known = 0
@@ -75,6 +89,8 @@ class _DnsCollector(Collector):
             ok += stats.forward_ok
             failed += stats.forward_failed
             known += stats.names
+            for k, v in list(stats.upstream_failures.items()):
+                u_total[k] = u_total.get(k, 0) + v
         for k, v in sorted(q_total.items()):
             queries.add_metric([k], v)
         for k, v in sorted(r_total.items()):
@@ -82,10 +98,13 @@ class _DnsCollector(Collector):
         forwards.add_metric(["ok"], ok)
         forwards.add_metric(["failed"], failed)
         names.add_metric([], known)
+        for k, v in sorted(u_total.items()):
+            upstream.add_metric([k], v)
         yield queries
         yield responses
         yield forwards
         yield names
+        yield upstream
 
 
 REGISTRY.register(_DnsCollector())

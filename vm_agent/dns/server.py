@@ -98,6 +98,7 @@ class DnsServer:
         self._stats = DnsStats()
         register(self._stats)
         self._forwarder = Forwarder(settings.upstreams, settings.forward_timeout, settings.forward_parallel)
+        self._stats.upstream_failures = self._forwarder.failures
         self._updates = 0
         self._rejected = 0
         self._last_error = ""

@@ -200,6 +200,13 @@ async def test_failover_across_all_resolvers(
         assert ips(reply) == ["192.0.2.66"]
     assert len(good.queries) == 4
     assert server.snapshot()["forwarded"]["ok"] == 4
+    # The shuffled order put the dead server first some of the time; its failures are counted.
+    failures = {u["address"]: u["failures"] for u in server.snapshot()["upstreams"]}
+    assert failures[f"{good.host}:{good.port}"] == 0
+    dead_failures = REGISTRY.get_sample_value(
+        "vm_agent_dns_upstream_failures_total", {"upstream": f"{dead[0]}:{dead[1]}"}
+    )
+    assert dead_failures == failures[f"{dead[0]}:{dead[1]}"]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
