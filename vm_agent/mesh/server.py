@@ -56,8 +56,11 @@ _ISTIOD_NAMES = ("istiod.istio-system.svc", "istiod-remote.istio-system.svc", "i
 def bind_socket(address: str, what: str) -> socket.socket:
     host, port = split_host_port(address, what)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio only turns Nagle off (TCP_NODELAY) on sockets that do, and with Nagle
+    # every response waits ~40 ms for the peer's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)

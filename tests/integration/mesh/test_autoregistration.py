@@ -106,7 +106,7 @@ async def test_register_health_disconnect_grace(tmp_path: Path) -> None:
             cond = _entry(mesh, "vm-app-127.0.0.2")["status"]["conditions"][0]  # type: ignore[index]
             assert cond["type"] == "Healthy" and cond["status"] == "True" and "message" not in cond
             # Becoming healthy made it an endpoint: EDS is pushed.
-            eds = await c.recv_type(EDS, timeout=1.0)
+            eds = await c.recv_type(EDS, timeout=5.0)
             assert b"127.0.0.2" in eds.resources[0].value
             await c.send(
                 discovery_pb2.DiscoveryRequest(
