@@ -4,7 +4,6 @@ ACK/NACK, and pushes on change."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
