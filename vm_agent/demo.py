@@ -30,6 +30,10 @@ NAMESPACE = "demo"
 GROUP = "hello"
 SERVICE_ACCOUNT = "hello-sa"
 INSTANCE_IP = "127.0.0.2"
+# A second VM that calls hello through its own Envoy, so the call crosses the mesh over mTLS.
+CLIENT_GROUP = "client"
+CLIENT_SERVICE_ACCOUNT = "client-sa"
+CLIENT_IP = "127.0.0.3"
 
 
 def _port_free(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
@@ -43,7 +47,12 @@ def _port_free(port: int, host: str = "127.0.0.1", udp: bool = False) -> bool:
 
 def _pick(preferred: int, *, udp_too: bool = False, taken: set[int]) -> int:
     """The well-known port when it is free, else any free one (a second demo or a test may be running)."""
-    if preferred not in taken and _port_free(preferred) and (not udp_too or _port_free(preferred, udp=True)):
+    if (
+        preferred
+        and preferred not in taken
+        and _port_free(preferred)
+        and (not udp_too or _port_free(preferred, udp=True))
+    ):
         taken.add(preferred)
         return preferred
     while True:
@@ -85,6 +94,19 @@ spec:
   selector: {{app: {GROUP}}}
   ports:
   - {{name: http, port: {service_port}, targetPort: {app_port}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {CLIENT_SERVICE_ACCOUNT}, namespace: {NAMESPACE}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {{name: {CLIENT_GROUP}, namespace: {NAMESPACE}}}
+spec:
+  metadata:
+    labels: {{app: {CLIENT_GROUP}}}
+  template:
+    serviceAccount: {CLIENT_SERVICE_ACCOUNT}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -152,139 +174,122 @@ async def _until(what: str, check: Callable[[], Any], timeout: float, procs: lis
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-async def demo(workdir: Path, once: bool) -> int:
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    (workdir / "manifests").mkdir(parents=True)
-    taken: set[int] = set()
-    ports = {
-        "xds": _pick(15012, taken=taken),
-        "mesh_admin": _pick(15014, taken=taken),
-        "status": _pick(15020, taken=taken),
-        "envoy_admin": _pick(15000, taken=taken),
-        "envoy_ready": _pick(15021, taken=taken),
-        "envoy_prom": _pick(15090, taken=taken),
-        "dns": _pick(15053, udp_too=True, taken=taken),
-        "app": _pick(8080, taken=taken),
-        "service": _pick(9080, taken=taken),
-    }
-    cli = [sys.executable, "-m", "vm_agent"]
-    procs: list[subprocess.Popen[bytes]] = []
-    app = SampleApp(ports["app"])
-    print("vm-agent demo: a VM joining a mesh, all on loopback\n", flush=True)
-    try:
-        (workdir / "manifests" / "demo.yaml").write_text(manifests(ports["app"], ports["service"]))
-        print(f"1. the built-in local mesh (istiod stand-in) on 127.0.0.1:{ports['xds']}", flush=True)
-        mesh_log = (workdir / "mesh.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [
-                    *cli,
-                    "mesh",
-                    "serve",
-                    "--state",
-                    str(workdir / "mesh"),
-                    "--manifests",
-                    str(workdir / "manifests"),
-                    "--listen",
-                    f"127.0.0.1:{ports['xds']}",
-                    "--admin-listen",
-                    f"127.0.0.1:{ports['mesh_admin']}",
-                ],
-                stdout=mesh_log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        admin = f"http://127.0.0.1:{ports['mesh_admin']}"
-        await _until("the local mesh", lambda: _get(admin + "/healthz")[0] == 200, 60, procs)
-        _say("✓", f"mesh up; manifests in {workdir / 'manifests'} (WorkloadGroup {NAMESPACE}/{GROUP}, a Service)")
+class _Run:
+    """What one demo run started, so everything is stopped on the way out."""
 
-        print("2. the five files `istioctl x workload entry configure` writes", flush=True)
-        out = workdir / "vm-files"
-        rc = subprocess.call(
-            [
-                *cli,
-                "mesh",
-                "vm-files",
-                "--state",
-                str(workdir / "mesh"),
-                "--admin-url",
-                admin,
-                "--group",
-                GROUP,
-                "--namespace",
-                NAMESPACE,
-                "--out",
-                str(out),
-                "--ingress-ip",
-                "127.0.0.1",
-                "--internal-ip",
-                INSTANCE_IP,
-                "--autoregister",
-            ]
-        )
-        if rc != 0:
-            raise RuntimeError("vm-files failed")
-        _say("✓", f"{out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.taken: set[int] = set()
+        self.cli = [sys.executable, "-m", "vm_agent"]
 
-        print(f"3. the VM's app on 127.0.0.1:{ports['app']} with a /ready probe", flush=True)
-        await app.start()
-        _say("✓", "app listening")
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen([*self.cli, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs.append(proc)
+        return proc
 
-        print("4. vm-agent run (real Envoy, DNS proxy, readiness probe)", flush=True)
+    def vm_files(self, admin: str, group: str, ip: str) -> Path:
+        out = self.workdir / f"vm-files-{group}"
+        args = ["mesh", "vm-files", "--state", str(self.workdir / "mesh"), "--admin-url", admin, "--group", group]
+        args += ["--namespace", NAMESPACE, "--out", str(out), "--ingress-ip", "127.0.0.1", "--internal-ip", ip]
+        if subprocess.call([*self.cli, *args, "--autoregister"]) != 0:
+            raise RuntimeError(f"vm-files for {group} failed")
+        return out
+
+    def agent(self, name: str, files: Path, ip: str, *, well_known: bool) -> dict[str, int]:
+        """``vm-agent run`` for one VM; the first one gets the well-known ports when they are free."""
+        pick = (lambda p, **kw: _pick(p, taken=self.taken, **kw)) if well_known else None
+        ports = {
+            "status": pick(15020) if pick else _pick(0, taken=self.taken),
+            "envoy_admin": pick(15000) if pick else _pick(0, taken=self.taken),
+            "envoy_ready": pick(15021) if pick else _pick(0, taken=self.taken),
+            "envoy_prom": pick(15090) if pick else _pick(0, taken=self.taken),
+            "dns": pick(15053, udp_too=True) if pick else _pick(0, udp_too=True, taken=self.taken),
+        }
         proxy_config = (
             f"proxyAdminPort: {ports['envoy_admin']}\nstatusPort: {ports['status']}\n"
-            f"configPath: {workdir / 'proxy'}\ninterceptionMode: NONE\nterminationDrainDuration: 2s\n"
+            f"configPath: {self.workdir / name / 'proxy'}\ninterceptionMode: NONE\nterminationDrainDuration: 2s\n"
         )
         settings = {
-            "ISTIO_SVC_IP": INSTANCE_IP,
+            "ISTIO_SVC_IP": ip,
             "VM_AGENT_SCAN_INTERFACES": "false",
             "DNS_PROXY_ADDR": f"127.0.0.1:{ports['dns']}",
             "ENVOY_STATUS_PORT": str(ports["envoy_ready"]),
             "ENVOY_PROMETHEUS_PORT": str(ports["envoy_prom"]),
             "PROXY_CONFIG": proxy_config,
-            "VM_AGENT_SDS_SOCKET": str(workdir / "sds.sock"),
-            "POD_NAME": "demo-vm",
+            "VM_AGENT_SDS_SOCKET": str(self.workdir / name / "sds.sock"),
+            "POD_NAME": f"{name}-vm",
         }
-        agent_cmd = [
-            *cli,
-            "run",
-            "--config-dir",
-            str(out),
-            "--state-dir",
-            str(workdir / "state"),
-            "--resolv-conf",
-            "/etc/resolv.conf",
-        ]
+        args = ["run", "--config-dir", str(files), "--state-dir", str(self.workdir / name / "state")]
+        args += ["--resolv-conf", "/etc/resolv.conf"]
         for key, value in settings.items():
-            agent_cmd += ["--set", f"{key}={value}"]
-        agent_log = (workdir / "agent.log").open("wb")
+            args += ["--set", f"{key}={value}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PROXY_CONFIG", "VM_AGENT_"))}
-        agent = subprocess.Popen(agent_cmd, stdout=agent_log, stderr=subprocess.STDOUT, env=env)
-        procs.append(agent)
-        status_url = f"http://127.0.0.1:{ports['status']}"
+        (self.workdir / name).mkdir(parents=True, exist_ok=True)
+        self.spawn(name, args, env)
+        return ports
 
-        def identity() -> dict[str, Any] | None:
-            code, body = _get(status_url + "/debug/status")
-            if code != 200:
-                return None
-            ident = json.loads(body).get("identity") or {}
-            return ident if ident.get("spiffe_id") else None
+    async def until(self, what: str, check: Callable[[], Any], timeout: float = 90) -> Any:
+        return await _until(what, check, timeout, self.procs)
 
-        ident = await _until("a workload certificate", identity, 60, procs)
+
+def _identity(status_url: str) -> dict[str, Any] | None:
+    code, body = _get(status_url + "/debug/status")
+    if code != 200:
+        return None
+    ident = json.loads(body).get("identity") or {}
+    return ident if ident.get("spiffe_id") else None
+
+
+def _envoy_ready(ports: dict[str, int]) -> dict[str, Any] | None:
+    code, body = _get(f"http://127.0.0.1:{ports['envoy_admin']}/ready")
+    if code != 200 or body.strip() != b"LIVE":
+        return None
+    if _get(f"http://127.0.0.1:{ports['status']}/healthz/ready")[0] != 200:
+        return None
+    _, dump = _get(f"http://127.0.0.1:{ports['envoy_admin']}/config_dump", timeout=5)
+    text = dump.decode(errors="replace")
+    return {"listeners": text.count('"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"')}
+
+
+async def demo(workdir: Path, once: bool) -> int:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "manifests").mkdir(parents=True)
+    run = _Run(workdir)
+    xds_port = _pick(15012, taken=run.taken)
+    admin_port = _pick(15014, taken=run.taken)
+    app_port = _pick(8080, taken=run.taken)
+    service_port = _pick(9080, taken=run.taken)
+    app = SampleApp(app_port)
+    print("vm-agent demo: two VMs joining a mesh, all on loopback\n", flush=True)
+    try:
+        (workdir / "manifests" / "demo.yaml").write_text(manifests(app_port, service_port))
+        print(f"1. the built-in local mesh (istiod stand-in) on 127.0.0.1:{xds_port}", flush=True)
+        mesh_args = ["mesh", "serve", "--state", str(workdir / "mesh"), "--manifests", str(workdir / "manifests")]
+        mesh_args += ["--listen", f"127.0.0.1:{xds_port}", "--admin-listen", f"127.0.0.1:{admin_port}"]
+        run.spawn("mesh", mesh_args)
+        admin = f"http://127.0.0.1:{admin_port}"
+        await run.until("the local mesh", lambda: _get(admin + "/healthz")[0] == 200, 60)
+        _say("✓", f"mesh up; manifests in {workdir / 'manifests'}: WorkloadGroups {GROUP} and {CLIENT_GROUP}")
+
+        print("2. the five files `istioctl x workload entry configure` writes, for each VM", flush=True)
+        hello_files = run.vm_files(admin, GROUP, INSTANCE_IP)
+        client_files = run.vm_files(admin, CLIENT_GROUP, CLIENT_IP)
+        _say("✓", f"{hello_files}: {', '.join(sorted(p.name for p in hello_files.iterdir()))}")
+
+        print(f"3. the hello VM's app on 127.0.0.1:{app_port} (readiness probe GET /ready)", flush=True)
+        await app.start()
+        _say("✓", "app listening")
+
+        print(f"4. vm-agent run on the hello VM ({INSTANCE_IP}) and the client VM ({CLIENT_IP})", flush=True)
+        hello = run.agent(GROUP, hello_files, INSTANCE_IP, well_known=True)
+        client = run.agent(CLIENT_GROUP, client_files, CLIENT_IP, well_known=False)
+        status_url = f"http://127.0.0.1:{hello['status']}"
+        ident = await run.until("a workload certificate", lambda: _identity(status_url), 60)
         _say("✓", f"identity {ident['spiffe_id']} (valid until {ident.get('not_after')})")
-
-        def envoy() -> dict[str, Any] | None:
-            code, body = _get(f"http://127.0.0.1:{ports['envoy_admin']}/ready")
-            if code != 200 or body.strip() != b"LIVE":
-                return None
-            if _get(status_url + "/healthz/ready")[0] != 200:
-                return None
-            _, dump = _get(f"http://127.0.0.1:{ports['envoy_admin']}/config_dump", timeout=5)
-            text = dump.decode(errors="replace")
-            return {"listeners": text.count('"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"')}
-
-        live = await _until("Envoy live with the mesh's configuration", envoy, 90, procs)
+        live = await run.until("Envoy live with the mesh's configuration", lambda: _envoy_ready(hello))
         _say("✓", f"Envoy live, {live['listeners']} listeners from the mesh; /healthz/ready is 200")
 
         from dnslib import DNSRecord
@@ -293,13 +298,13 @@ async def demo(workdir: Path, once: bool) -> int:
 
         def dns() -> list[str] | None:
             try:
-                reply = DNSRecord.parse(DNSRecord.question(name).send("127.0.0.1", ports["dns"], timeout=2))
+                reply = DNSRecord.parse(DNSRecord.question(name).send("127.0.0.1", hello["dns"], timeout=2))
             except OSError:
                 return None
             return [str(rr.rdata) for rr in reply.rr] or None
 
-        answers = await _until("DNS answering a mesh name", dns, 60, procs)
-        _say("✓", f"DNS 127.0.0.1:{ports['dns']}: {name} → {', '.join(answers)}")
+        answers = await run.until("DNS answering a mesh name", dns, 60)
+        _say("✓", f"DNS 127.0.0.1:{hello['dns']}: {name} → {', '.join(answers)} (from the mesh's NameTable)")
 
         entry = f"{GROUP}-{INSTANCE_IP}"
 
@@ -307,50 +312,53 @@ async def demo(workdir: Path, once: bool) -> int:
             code, body = _get(admin + "/v1/workloadentries")
             if code != 200:
                 return None
-            items = json.loads(body)
-            items = items.get("items", items) if isinstance(items, dict) else items
-            for item in items:
+            for item in json.loads(body).get("items", []):
                 if item.get("metadata", {}).get("name") == entry:
                     for cond in (item.get("status") or {}).get("conditions") or []:
                         if cond.get("type") == "Healthy" and cond.get("status") == "True":
                             return "True"
             return None
 
-        await _until("health reported to the mesh", healthy, 60, procs)
-        _say("✓", f"WorkloadEntry {NAMESPACE}/{entry} auto-registered, condition Healthy=True")
+        await run.until("health reported to the mesh", healthy, 60)
+        _say("✓", f"WorkloadEntry {NAMESPACE}/{entry} auto-registered, condition Healthy=True (probe passing)")
+
+        await run.until("the client VM's Envoy", lambda: _envoy_ready(client))
 
         def call() -> str | None:
-            code, body = _get(f"http://127.0.0.1:{ports['service']}/")
+            code, body = _get(f"http://127.0.0.1:{service_port}/")
             return body.decode().strip() if code == 200 else None
 
-        reply = await _until("a call through Envoy over mTLS", call, 60, procs)
-        _say("✓", f"GET http://127.0.0.1:{ports['service']}/ (Envoy → mTLS → app): {reply}")
+        reply = await run.until("a call through the client VM's Envoy over mTLS", call, 60)
+        _say("✓", f"client VM: GET http://127.0.0.1:{service_port}/ → Envoy → mTLS → hello VM → app:")
+        _say(" ", reply)
 
         print(
             "\nvm-agent is running. Try:\n"
             f"  vm-agent status --url {status_url}\n"
-            f"  dig @127.0.0.1 -p {ports['dns']} {name}\n"
-            f"  curl http://127.0.0.1:{ports['service']}/\n"
+            f"  dig @127.0.0.1 -p {hello['dns']} {name}\n"
+            f"  curl http://127.0.0.1:{service_port}/\n"
             f"  vm-agent mesh get workloadentries --admin-url {admin}\n"
-            f"logs: {workdir / 'agent.log'}, {workdir / 'mesh.log'}",
+            f"logs: {workdir}/{{hello,client,mesh}}.log",
             flush=True,
         )
         if not once:
-            print("Ctrl-C stops the agent (it reports not-ready, drains Envoy, then exits).", flush=True)
+            print("Ctrl-C stops the agents (each reports not-ready, drains Envoy, then exits).", flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
-        agent.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(agent.wait, 30)
-        _say("✓" if code == 0 else "✗", f"agent stopped (exit {code})")
-        return 0 if code == 0 else 1
+        agents = run.procs[1:]
+        for proc in agents:
+            proc.send_signal(signal.SIGTERM)
+        codes = [await asyncio.to_thread(proc.wait, 30) for proc in agents]
+        _say("✓" if not any(codes) else "✗", f"agents stopped (exit {', '.join(map(str, codes))})")
+        return 0 if not any(codes) else 1
     except RuntimeError as err:
-        print(f"\ndemo failed: {err}\nsee {workdir / 'agent.log'} and {workdir / 'mesh.log'}", file=sys.stderr)
+        print(f"\ndemo failed: {err}\nsee the logs in {workdir}", file=sys.stderr)
         return 1
     finally:
-        for p in reversed(procs):
+        for p in reversed(run.procs):
             if p.poll() is None:
                 p.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -1,0 +1,349 @@
+"""The composition root: builds every service from ``Config`` and runs them in one TaskGroup.
+
+Services never import each other; this module hands each one the narrow callbacks it needs (see
+docs/architecture.md). Shutdown order matters to istiod and to in-flight requests: report not-ready, drain
+Envoy for the termination drain duration, then stop everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from vm_agent.config import Config, Problem
+from vm_agent.config.formats import parse_duration
+from vm_agent.dns import DnsServer, DnsSettings
+from vm_agent.envoy.bootstrap import EnvoySettings, NodeInfo
+from vm_agent.envoy.supervisor import Backoff, Supervisor
+from vm_agent.health import Checker, HealthSettings
+from vm_agent.identity.manager import SecretManager
+from vm_agent.identity.sds import SdsServer
+from vm_agent.identity.settings import IdentitySettings
+from vm_agent.logs import get_logger
+from vm_agent.netfilter import CaptureService, CaptureSettings
+from vm_agent.status import StatusServer, StatusSettings, notify, watchdog_loop
+from vm_agent.upstream import UpstreamSettings
+from vm_agent.xds import Proxy, XdsSettings
+
+log = get_logger("agent")
+
+
+def upstream_settings(config: Config, *, for_ca: bool) -> UpstreamSettings:
+    up = config.ca if for_ca else config.discovery
+    return UpstreamSettings(
+        address=up.address,
+        dial_target=up.dial_target,
+        server_name=up.server_name,
+        root_cert_path=up.root_cert,
+        token_path=config.paths.token,
+        cluster_id=config.identity.cluster_id,
+        extra_metadata=up.extra_metadata,
+        plaintext=up.plaintext,
+    )
+
+
+def identity_settings(config: Config) -> IdentitySettings:
+    ident = config.identity
+    return IdentitySettings(
+        ca=upstream_settings(config, for_ca=True),
+        trust_domain=ident.trust_domain,
+        namespace=ident.namespace,
+        service_account=ident.service_account,
+        state_dir=config.paths.state_dir,
+        sds_socket=config.paths.sds_socket,
+        sds_socket_group=config.env.get("VM_AGENT_ENVOY_GROUP") or None,
+        key_algorithm=ident.key_algorithm,
+        rsa_key_size=ident.rsa_key_size,
+        ec_curve=ident.ec_curve,
+        pkcs8=ident.pkcs8,
+        requested_ttl_seconds=ident.secret_ttl_s,
+        grace_ratio=ident.grace_ratio,
+        grace_jitter=ident.grace_jitter,
+        cert_signer=ident.cert_signer,
+        output_certs=config.paths.output_certs,
+    )
+
+
+def dns_settings(config: Config) -> DnsSettings:
+    return DnsSettings(
+        listen=config.dns.listen,
+        upstreams=config.dns.upstreams,
+        search_domains=config.dns.search_domains,
+        pod_namespace=config.node.namespace,
+        proxy_domain=config.dns.proxy_domain,
+        forward_timeout=config.dns.forward_timeout_s,
+        forward_parallel=config.dns.forward_parallel,
+    )
+
+
+def envoy_settings(config: Config) -> EnvoySettings:
+    proxy = config.proxy
+    return EnvoySettings(
+        binary=Path(config.agent.envoy_binary) if config.agent.envoy_binary else None,
+        config_dir=config.paths.proxy_config_dir,
+        node=NodeInfo(
+            id=config.node.id,
+            cluster=config.node.cluster,
+            metadata=config.node.metadata,
+            locality=config.node.locality,
+        ),
+        xds_socket=config.paths.xds_socket,
+        sds_socket=config.paths.sds_socket,
+        admin_port=proxy.proxy_admin_port,
+        status_port=proxy.status_port,
+        readiness_port=config.agent.envoy_status_port,
+        prometheus_port=config.agent.envoy_prometheus_port,
+        ipv6_only=config.node.ipv6_only,
+        delta_xds=config.agent.delta_xds,
+        drain_duration_s=proxy.drain_duration_s,
+        termination_drain_duration_s=proxy.termination_drain_duration_s,
+        concurrency=proxy.concurrency,
+        log_level=config.agent.proxy_log_level,
+        component_log_level=config.agent.proxy_component_log_level,
+        stat_name_length=proxy.stat_name_length,
+        metrics_localhost_only=config.agent.metrics_localhost_only,
+        runtime_values=proxy.runtime_values,
+        pid_file=config.paths.state_dir / "envoy.pid",
+    )
+
+
+def health_settings(config: Config) -> HealthSettings | None:
+    probe = config.proxy.readiness_probe
+    if probe is None:
+        return None
+    ips = config.node.instance_ips
+    default_host = "localhost" if config.agent.rewrite_probe_localhost or not ips else ips[0]
+    source: str | None = None
+    if config.capture.enabled:
+        # Probes leave from 127.0.0.6 so the capture rules let them reach the app itself, not Envoy (§9.3).
+        source = "::6" if config.node.ipv6_only else "127.0.0.6"
+    return HealthSettings(probe=probe, default_host=default_host, source_address=source)
+
+
+def capture_settings(config: Config) -> CaptureSettings:
+    c = config.capture
+    v4 = tuple(h for h, _ in config.dns.upstreams if ":" not in h)
+    v6 = tuple(h for h, _ in config.dns.upstreams if ":" in h)
+    return CaptureSettings(
+        inbound_ports=c.inbound_ports,
+        local_exclude_ports=c.local_exclude_ports,
+        service_cidr=c.service_cidr,
+        service_exclude_cidr=c.service_exclude_cidr,
+        outbound_ports=c.outbound_ports,
+        outbound_exclude_ports=c.outbound_exclude_ports,
+        exclude_interfaces=c.exclude_interfaces,
+        proxy_uid=c.proxy_uid,
+        proxy_gid=c.proxy_gid,
+        dns_capture=c.dns_capture,
+        capture_all_dns=c.capture_all_dns,
+        dns_servers_v4=v4,
+        dns_servers_v6=v6,
+        ipv6=any(":" in ip for ip in config.node.instance_ips[:1]),
+        dns_port=config.dns.listen[0][1] if config.dns.listen else 15053,
+    )
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to end the agent after a graceful shutdown."""
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        ident = identity_settings(config)
+        self.secrets = SecretManager(ident)
+        self.sds = SdsServer(ident, self.secrets)
+        self.dns = DnsServer(dns_settings(config)) if config.dns.enabled else None
+        self.xds = Proxy(
+            XdsSettings(
+                socket_path=config.paths.xds_socket,
+                upstream=upstream_settings(config, for_ca=False),
+                dns_enabled=self.dns is not None,
+                health_heartbeat_s=config.agent.health_heartbeat_s,
+            ),
+            client_cert=self.secrets.client_cert,
+            on_name_table=self.dns.update if self.dns is not None else None,
+        )
+        cap = config.env.get("VM_AGENT_ENVOY_RESTART_BACKOFF_MAX")
+        backoff = Backoff(cap=parse_duration(cap)) if cap else None
+        self.envoy = Supervisor(envoy_settings(config), backoff=backoff)
+        # The systemd unit applies capture rules before the agent starts (as root); an agent that itself runs as
+        # root keeps them in place and removes them on stop.
+        self.capture = (
+            CaptureService(capture_settings(config))
+            if config.capture.enabled and os.geteuid() == 0 and config.env.get("VM_AGENT_MANAGE_CAPTURE") == "true"
+            else None
+        )
+        hs = health_settings(config)
+        self.health = Checker(hs, envoy_ready=self.envoy.ready, on_event=self.xds.report_health) if hs else None
+        checks: list[Callable[[], Awaitable[str | None]]] = [self._certificate_ready]
+        if self.capture is not None:
+            checks.append(self.capture.check)
+        if self.dns is not None and config.dns.capture:
+            checks.append(self._name_table_ready)
+        snapshots: dict[str, Callable[[], dict[str, Any]]] = {
+            "identity": self.secrets.snapshot,
+            "envoy": self.envoy.snapshot,
+            "xds": self.xds.snapshot,
+            "agent": self._agent_snapshot,
+        }
+        if self.dns is not None:
+            snapshots["dns"] = self.dns.snapshot
+        if self.health is not None:
+            snapshots["health"] = self.health.snapshot
+        if self.capture is not None:
+            snapshots["netfilter"] = self.capture.snapshot
+        self.status = StatusServer(
+            StatusSettings(
+                listen_host=config.agent.status_host,
+                port=config.proxy.status_port,
+                envoy_admin_port=config.proxy.proxy_admin_port,
+                envoy_prometheus_port=config.agent.envoy_prometheus_port,
+            ),
+            envoy_ready=self.envoy.ready,
+            readiness_checks=checks,
+            snapshots=snapshots,
+            ndsz=self.dns.ndsz if self.dns is not None else None,
+            on_quit=self._quit,
+            on_drain=self._drain_only,
+        )
+        self._stopping = False
+        self._skip_drain = False
+        self._stop_event = asyncio.Event()
+
+    # --- readiness pieces the status server combines ---
+    async def _certificate_ready(self) -> str | None:
+        if self.secrets.ready.is_set():
+            return None
+        return "no workload certificate yet (is the CA reachable? see `vm-agent status`)"
+
+    async def _name_table_ready(self) -> str | None:
+        if self.dns is not None and self.dns.table_loaded():
+            return None
+        return "istio DNS capture is turned ON and DNS lookup table is not ready yet"
+
+    def _agent_snapshot(self) -> dict[str, Any]:
+        return {
+            "node_id": self.config.node.id,
+            "spiffe_id": self.config.identity.spiffe_id,
+            "discovery": self.config.discovery.address,
+            "stopping": self._stopping,
+        }
+
+    # --- shutdown ---
+    def request_stop(self) -> None:
+        """First SIGTERM/SIGINT: graceful; a second one: stop at once."""
+        if self._stopping:
+            log.warning("second stop signal: exiting without waiting for the drain")
+            self._skip_drain = True
+            self._stop_event.set()
+            return
+        self._stopping = True
+        log.info("stop requested: reporting not ready, then draining Envoy")
+        self._stop_event.set()
+
+    async def _quit(self) -> None:
+        self._skip_drain = True  # /quitquitquit skips the drain, as pilot-agent does
+        self.request_stop()
+
+    async def _drain_only(self) -> None:
+        await self.envoy.drain_in_place()
+
+    async def _graceful_shutdown(self) -> None:
+        await self._stop_event.wait()
+        self.status.set_shutting_down()
+        # Without a readiness probe istiod is never told about health (as with pilot-agent).
+        if self.health is not None:
+            self.health.report_not_ready("agent is shutting down")
+        if not self._skip_drain:
+            # The not-ready report must reach istiod before listeners start draining.
+            await self.xds.flush(1.0)
+            drain = asyncio.ensure_future(self.envoy.drain())
+            self._stop_event.clear()
+            stop_now = asyncio.ensure_future(self._stop_event.wait())
+            await asyncio.wait({drain, stop_now}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (drain, stop_now):
+                t.cancel()
+        raise _Stop
+
+    async def _notify_ready(self) -> None:
+        await self.envoy.wait_live()
+        notify("READY=1")
+        log.info("Envoy is live; agent ready")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        log.info(
+            "starting: %s as %s, istiod %s",
+            self.config.node.id,
+            self.config.identity.spiffe_id,
+            self.config.discovery.address,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.status.run(), name="status")
+                if self.capture is not None:
+                    tg.create_task(self.capture.run(), name="netfilter")
+                tg.create_task(self.secrets.run(), name="identity")
+                tg.create_task(self.sds.run(), name="sds")
+                if self.dns is not None:
+                    tg.create_task(self.dns.run(), name="dns")
+                tg.create_task(self.xds.run(), name="xds")
+                tg.create_task(self.envoy.run(), name="envoy")
+                if self.health is not None:
+                    tg.create_task(self.health.run(), name="health")
+                tg.create_task(self._notify_ready(), name="notify")
+                tg.create_task(watchdog_loop(), name="watchdog")
+                tg.create_task(self._graceful_shutdown(), name="shutdown")
+        except* _Stop:
+            pass
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        notify("STOPPING=1")
+        log.info("stopped")
+
+
+def _persisted_certificate_valid(chain: Path) -> bool:
+    import datetime
+
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificates(chain.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return leaf.not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+
+
+def _blocking_problems(config: Config) -> list[Problem]:
+    """Problems that stop ``vm-agent run``.
+
+    The bootstrap token is only needed until the first certificate: with a persisted, still-valid one, a
+    missing or expired token is a warning (product point 1: identity never strands a VM).
+    """
+    token_file = str(config.paths.token)
+    if _persisted_certificate_valid(config.paths.state_dir / "cert-chain.pem"):
+        return [p for p in config.problems if p.file != token_file]
+    return list(config.problems)
+
+
+def run_agent(config: Config) -> int:
+    blocking = _blocking_problems(config)
+    for p in config.problems:
+        (log.error if p in blocking else log.warning)("%s", p)
+    if blocking:
+        print(f"vm-agent: {len(blocking)} configuration problem(s); run `vm-agent check` for details", file=sys.stderr)
+        return 2
+    agent = Agent(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(agent.run())
+    return 0
