@@ -234,3 +234,20 @@ def test_renewal_after_the_bootstrap_token_is_gone(control_plane: ControlPlane, 
     finally:
         agent.cleanup()
         shutil.rmtree(files, ignore_errors=True)
+
+
+def test_agent_reports_a_token_istiod_refuses(control_plane: ControlPlane, group: VmGroup, vm_files: Path) -> None:
+    files = Path(shutil.copytree(vm_files, vm_files.with_name(vm_files.name + "-badaud")))
+    (files / "istio-token").write_text(
+        control_plane.create_token(group.namespace, group.service_account, audience="not-istio-ca")
+    )
+    agent = AgentProc(files)
+    try:
+        agent.start()
+        # The agent keeps running and retrying, says why in its log, and never holds a certificate.
+        wait_until(while_alive(agent, lambda: "not-istio-ca" in agent.log_text()), 60, "the audience named in the log")
+        agent.must_be_alive()
+        assert agent.cert_chain_files() == []
+    finally:
+        agent.cleanup()
+        shutil.rmtree(files, ignore_errors=True)
