@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -13,6 +14,14 @@ def fetch(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url.rstrip("/") + "/debug/status", timeout=5) as resp:  # noqa: S310 - operator URL
         doc = json.loads(resp.read())
     return doc if isinstance(doc, dict) else {}
+
+
+def _ago(timestamp: Any) -> str:
+    try:
+        seconds = max(0.0, time.time() - float(timestamp))
+    except (TypeError, ValueError):
+        return str(timestamp)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
 def _line(key: str, value: Any) -> str:
@@ -39,8 +48,11 @@ def render(doc: dict[str, Any]) -> str:
     out.append("envoy")
     out.append(_line("state", f"{envoy.get('state')} (pid {envoy.get('pid')}, up {envoy.get('uptime_s')}s)"))
     out.append(_line("restarts", envoy.get("restarts", 0)))
-    if envoy.get("last_exit"):
-        out.append(_line("last exit", envoy["last_exit"]))
+    last_exit = envoy.get("last_exit_reason") or envoy.get("last_exit")
+    if last_exit:
+        out.append(_line("last exit", last_exit))
+    if envoy.get("restart_in_s") is not None:
+        out.append(_line("next restart in", f"{envoy['restart_in_s']}s"))
 
     xds = doc.get("xds") or {}
     upstream = xds.get("upstream") or {}
@@ -51,6 +63,10 @@ def render(doc: dict[str, Any]) -> str:
     for type_url, t in sorted((xds.get("types") or {}).items()):
         short = type_url.rsplit(".", 1)[-1]
         detail = f"responses {t.get('responses', 0)}, acks {t.get('acks', 0)}, nacks {t.get('nacks', 0)}"
+        if t.get("last_response_at"):
+            detail += f", last push {_ago(t['last_response_at'])}"
+        if t.get("last_ack_at"):
+            detail += f", last ACK {_ago(t['last_ack_at'])}"
         if t.get("last_nack_message"):
             detail += f" (last NACK: {t['last_nack_message']})"
         out.append(_line(short, detail))
@@ -59,7 +75,7 @@ def render(doc: dict[str, Any]) -> str:
     out.append("health")
     if health:
         out.append(_line("state", health.get("state")))
-        msg = health.get("message") or health.get("last_message")
+        msg = health.get("reported_message") or health.get("message")
         if msg:
             out.append(_line("message", msg))
         out.append(_line("transitions", health.get("transitions")))
@@ -70,7 +86,7 @@ def render(doc: dict[str, Any]) -> str:
     out.append("dns")
     if dns:
         table = dns.get("table") if isinstance(dns.get("table"), dict) else {}
-        size = dns.get("table_size", dns.get("entries", (table or {}).get("entries")))
+        size = dns.get("table_entries", dns.get("table_size", (table or {}).get("entries")))
         out.append(_line("table size", size))
         out.append(_line("upstreams", dns.get("upstreams")))
     else:

@@ -36,16 +36,32 @@ class StatusSettings:
     port: int = 15020
     envoy_admin_port: int = 15000
     envoy_prometheus_port: int = 15090
+    # Envoy's stats are read from its admin listener, which binds ::1 instead on IPv6-only hosts.
+    envoy_admin_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "envoy_admin_port", "envoy_prometheus_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 65536:
+                raise ValueError(f"StatusSettings.{name}: expected a TCP port 0..65535, got {value!r}")
+
+
+def is_loopback_address(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def _is_loopback(request: web.Request) -> bool:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if not peer:
         return False
-    try:
-        return ipaddress.ip_address(peer[0]).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_address(str(peer[0]))
 
 
 class StatusServer:
@@ -81,7 +97,11 @@ class StatusServer:
         if self._shutting_down:
             return "server is terminated"
         for check in (self._envoy_ready, *self._checks):
-            reason = await check()
+            try:
+                reason = await check()
+            except Exception as err:  # a broken check must not turn readiness into a 500
+                log.warning("readiness check %r raised: %s", check, err)
+                reason = f"readiness check failed: {type(err).__name__}: {err}"
             if reason is not None:
                 return reason
         return None
@@ -99,13 +119,19 @@ class StatusServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         envoy_text = ""
-        url = f"http://127.0.0.1:{self.settings.envoy_prometheus_port}/stats/prometheus"
+        host = self.settings.envoy_admin_host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{self.settings.envoy_admin_port}/stats/prometheus"
         if request.query_string:
             url += "?" + request.query_string
+        # Only the classic text format is asked of Envoy (§8.2); the scraper's identity and deadline pass on.
+        headers = {"Accept": "text/plain"}
+        for name in ("User-Agent", "X-Prometheus-Scrape-Timeout-Seconds"):
+            if name in request.headers:
+                headers[name] = request.headers[name]
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-                session.get(url, headers={"Accept": "text/plain"}) as resp,
+                session.get(url, headers=headers) as resp,
             ):
                 if resp.status == 200:
                     envoy_text = await resp.text()
@@ -115,7 +141,10 @@ class StatusServer:
             SCRAPE_ERRORS.inc()
         agent_text = generate_latest(REGISTRY).decode()
         body = agent_text + ("\n" if agent_text and not agent_text.endswith("\n") else "") + envoy_text
-        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        response = web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            response.enable_compression()
+        return response
 
     def _local_post(self, request: web.Request) -> web.Response | None:
         # Like pilot-agent: the loopback check comes before the method check.
