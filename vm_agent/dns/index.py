@@ -100,11 +100,17 @@ def _answer(question: bytes, head: bytes, addrs: tuple[bytes, ...]) -> Prebuilt:
 
 @dataclass(slots=True)
 class _Host:
-    """What Istio's LookupTable holds for one lower-cased name."""
+    """What Istio's LookupTable holds for one lower-cased name (while building)."""
 
     v4: tuple[bytes, ...] = ()  # rdata
     v6: tuple[bytes, ...] = ()
     cname: bytes | None = None  # target (wire)
+
+
+# The same, frozen as a plain tuple (v4 rdata, v6 rdata, CNAME target): the garbage collector stops
+# tracking tuples of bytes, so a 100k-name index does not lengthen every full collection.
+HostRecord = tuple[tuple[bytes, ...], tuple[bytes, ...], bytes | None]
+_NO_HOST: HostRecord = ((), (), None)
 
 
 @dataclass
@@ -113,7 +119,7 @@ class NameIndex:
 
     # lower-cased question (wire name + type + class IN) → answer; the fast path's only lookup
     exact: dict[bytes, Prebuilt]
-    hosts: dict[bytes, _Host]
+    hosts: dict[bytes, HostRecord]
     entries: int
     skipped: int
     wildcards: bool = field(default=False)
@@ -147,12 +153,12 @@ class NameIndex:
         if host is None:
             return None
         out: list[wire.Record] = []
-        if host.cname is not None:
-            out.append((qname_lower, wire.TYPE_CNAME, host.cname))
-            key = host.cname
-            target = self.hosts.get(key)
-            host = target if target is not None else _Host()
-        rdatas = host.v4 if qtype == wire.TYPE_A else host.v6
+        cname = host[2]
+        if cname is not None:
+            out.append((qname_lower, wire.TYPE_CNAME, cname))
+            key = cname
+            host = self.hosts.get(key, _NO_HOST)
+        rdatas = host[0] if qtype == wire.TYPE_A else host[1]
         if not rdatas:
             return []
         # A wildcard answer takes the question's name, except after a CNAME where Istio keeps the
@@ -238,26 +244,29 @@ def build_index(
                     if target is None:
                         target = hosts[expanded] = _Host()
                     target.cname = key
+    frozen: dict[bytes, HostRecord] = {key: (h.v4, h.v6, h.cname) for key, h in hosts.items()}
+    del hosts
     exact: dict[bytes, Prebuilt] = {}
     wildcards = False
-    for key, host in hosts.items():
+    for key, record in frozen.items():
         for qtype, suffix in ((wire.TYPE_A, _A_IN), (wire.TYPE_AAAA, _AAAA_IN)):
-            exact[key + suffix] = _resolve(hosts, key, host, qtype, key + suffix)
+            exact[key + suffix] = _resolve(frozen, key, record, qtype, key + suffix)
         if key.startswith(b"\x01*"):
             wildcards = True
-    return NameIndex(exact, hosts, len(table.table), skipped, wildcards)
+    return NameIndex(exact, frozen, len(table.table), skipped, wildcards)
 
 
 _A_IN = b"\x00\x01\x00\x01"
 _AAAA_IN = b"\x00\x1c\x00\x01"
 
 
-def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int, question: bytes) -> Prebuilt:
+def _resolve(hosts: dict[bytes, HostRecord], key: bytes, host: HostRecord, qtype: int, question: bytes) -> Prebuilt:
     head = b""
     owner = key
-    if host.cname is not None:
-        head = wire.rr_bytes(key, wire.TYPE_CNAME, host.cname)
-        owner = host.cname
-        host = hosts.get(owner) or _Host()
-    rdatas = host.v4 if qtype == wire.TYPE_A else host.v6
+    cname = host[2]
+    if cname is not None:
+        head = wire.rr_bytes(key, wire.TYPE_CNAME, cname)
+        owner = cname
+        host = hosts.get(owner, _NO_HOST)
+    rdatas = host[0] if qtype == wire.TYPE_A else host[1]
     return _answer(question, head, tuple(wire.rr_bytes(owner, qtype, rdata) for rdata in rdatas))
