@@ -128,6 +128,7 @@ class Connection:
         self.last_health: dict[str, Any] | None = None
         # (mesh version, generated resources): one generation per proxy per change.
         self.gen_cache: tuple[int, Resources] | None = None
+        self.change_pending = False
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -181,7 +182,10 @@ class AdsService:
 
     def notify_change(self) -> None:
         for conn in list(self.connections.values()):
-            conn.events.put_nowait(("change", None))
+            # One pending "change" per proxy: a burst of store updates becomes one push.
+            if not conn.change_pending:
+                conn.change_pending = True
+                conn.events.put_nowait(("change", None))
 
     def snapshot(self) -> dict[str, Any]:
         return {"connections": [c.snapshot() for c in self.connections.values()]}
@@ -240,9 +244,7 @@ class AdsService:
             if kind == "eof":
                 return
             if kind == "change":
-                # Coalesce a burst of changes into one push.
-                while not conn.events.empty() and conn.events._queue[0][0] == "change":  # type: ignore[attr-defined]
-                    conn.events.get_nowait()
+                conn.change_pending = False
                 if registered:
                     await self._push_all(stream, conn)
                 continue
