@@ -336,6 +336,8 @@ class Supervisor:
             reason += " (possibly out of memory)"
         self._last_exit_reason = reason
         self._last_exit_time = time.time()
+        # Readiness is cached after the first success; a dead Envoy must stop looking ready at once.
+        self.admin.reset()
         self._started_at = None
         ENVOY_RUNNING.set(0)
         label = signal.Signals(-rc).name if rc < 0 and -rc in signal.valid_signals() else f"exit_{rc}"
