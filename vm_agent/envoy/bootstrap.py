@@ -97,6 +97,9 @@ class EnvoySettings:
     max_downstream_connections: int = DEFAULT_MAX_DOWNSTREAM_CONNECTIONS
     file_flush_interval_ms: int = 1000
     skip_deprecated_logs: bool = True
+    # Where Envoy's 15021 listener finds the status server; None → the family's localhost (Istio's choice).
+    # Set it to StatusSettings.listen_host when that is a specific loopback address of the other family.
+    status_host: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("admin_port", "status_port", "readiness_port", "prometheus_port"):
@@ -361,7 +364,9 @@ def render_bootstrap(settings: EnvoySettings) -> dict[str, Any]:
         "static_resources": {
             "clusters": [
                 _static_cluster("prometheus_stats", _socket_address(localhost, settings.admin_port), "0.250s"),
-                _static_cluster("agent", _socket_address(localhost, settings.status_port), "0.250s"),
+                _static_cluster(
+                    "agent", _socket_address(settings.status_host or localhost, settings.status_port), "0.250s"
+                ),
                 sds_cluster,
                 xds_cluster,
             ],

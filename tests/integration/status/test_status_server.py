@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -196,6 +198,23 @@ async def test_metrics_merge_agent_and_real_envoy_and_readiness_follows_envoy() 
                     session.get(base + "/metrics", headers={"Accept-Encoding": "gzip"}) as resp,
                 ):
                     assert resp.headers.get("Content-Encoding") == "gzip"
+
+                # Envoy crashes: the status server keeps answering, says why, and shows the restart.
+                pid = sup.pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+
+                async def not_ready() -> bool:
+                    return (await fetch("GET", base + "/healthz/ready"))[0] == 503
+
+                await async_wait_for(not_ready, timeout=5, interval=0.02, what="readiness 503 after the crash")
+                status, text = await fetch("GET", base + "/stats/prometheus")
+                assert status == 200 and "vm_agent_envoy_exits_total" in text
+                await async_wait_for(ready, timeout=20, interval=0.1, what="readiness 200 after the restart")
+                doc = json.loads((await fetch("GET", base + "/debug/status"))[1])
+                assert doc["envoy"]["restarts"] == 1
+                assert "SIGKILL" in doc["envoy"]["last_exit_reason"]
+                assert doc["envoy"]["pid"] not in (None, pid)
         finally:
             envoy_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -113,6 +113,8 @@ def test_ipv6_only_uses_v6_wildcard_and_localhost() -> None:
     assert addresses == ["::", "::"]
     assert b["admin"]["address"]["socket_address"]["address"] == "::1"
     assert endpoint(by_name(b["static_resources"]["clusters"], "agent"))["socket_address"]["address"] == "::1"
+    v4_status = render_bootstrap(settings(ipv6_only=True, status_host="127.0.0.1"))["static_resources"]["clusters"]
+    assert endpoint(by_name(v4_status, "agent"))["socket_address"]["address"] == "127.0.0.1"
     cmd = envoy_command(s, Path("/b.json"))
     assert cmd[cmd.index("--local-address-ip-version") + 1] == "v6"
 
