@@ -210,6 +210,22 @@ class WorkloadEntryController:
             heapq.heappush(self._deadlines, (time.monotonic() + self._grace, ns, name))
             self._wake.set()
 
+    def mark_all_disconnected(self) -> None:
+        """After a restart: entries we controlled lost their proxies' connections."""
+        now = time.monotonic()
+
+        def mark(doc: Doc) -> None:
+            ann = doc.setdefault("metadata", {}).setdefault("annotations", {})
+            if ann.get(WORKLOAD_CONTROLLER) == self._name and CONNECTED_AT in ann:
+                ann.pop(CONNECTED_AT, None)
+                ann[DISCONNECTED_AT] = rfc3339_nano()
+
+        for entry in self._store.select("WorkloadEntry"):
+            meta = entry.get("metadata", {})
+            ns, name = meta.get("namespace", ""), meta.get("name", "")
+            if self._store.update("WorkloadEntry", ns, name, mark) is not None:
+                heapq.heappush(self._deadlines, (now + self._grace, ns, name))
+
     # -- health -------------------------------------------------------------------------------------
     async def on_health(self, conn: Connection, healthy: bool, message: str) -> None:
         if conn.workload_entry is None:

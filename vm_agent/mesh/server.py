@@ -48,6 +48,8 @@ CA_REJECTED = Counter(
 )
 
 RUNTIME_FILE = "mesh.json"
+# The object store survives restarts (an API server keeps its objects too).
+OBJECTS_FILE = "objects.json"
 
 # istiod's serving certificate names besides the configured discovery host (server.go).
 _ISTIOD_NAMES = ("istiod.istio-system.svc", "istiod-remote.istio-system.svc", "istio-pilot.istio-system.svc")
@@ -172,9 +174,53 @@ class MeshServer:
         self._snapshot: MeshSnapshot = self.store.snapshot()
         self._pushes = 0
         self.store.subscribe(self._on_store_change)
+        self._persist_wanted = asyncio.Event()
+        self._restore()
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        path = self.settings.state_dir / OBJECTS_FILE
+        if not path.exists():
+            return
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.error("%s cannot be read (%s); starting with an empty object store", path, e)
+            return
+        if not isinstance(entries, list):
+            log.error("%s: expected a list of objects; starting with an empty object store", path)
+            return
+        for problem in self.store.restore(entries, str(path)):
+            log.error("skipped on restore: %s", problem)
+        # The proxies that were connected to the previous process are gone: their entries start the
+        # grace period now, and are kept if the proxies reconnect in time.
+        self.workload_entries_controller.mark_all_disconnected()
+        log.info("restored %d object(s) from %s", len(entries), path)
+
+    def _persist(self) -> None:
+        path = self.settings.state_dir / OBJECTS_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.store.export(), f, separators=(",", ":"))
+        tmp.replace(path)
+
+    async def _persist_loop(self) -> None:
+        try:
+            while True:
+                await self._persist_wanted.wait()
+                # Batch a burst of updates (many proxies connecting) into one write.
+                await asyncio.sleep(0.1)
+                self._persist_wanted.clear()
+                self._persist()
+        finally:
+            with contextlib.suppress(OSError):
+                self._persist()
 
     # -- generation ----------------------------------------------------------------------------------
     def _on_store_change(self, kinds: frozenset[str]) -> None:
+        if hasattr(self, "_persist_wanted"):
+            self._persist_wanted.set()
         self._snapshot = self.store.snapshot()
         if self.settings.auto_allocate_vips:
             self.vips = xdsgen.allocate_vips(self._snapshot, self.vips)
@@ -363,6 +409,7 @@ class MeshServer:
         tmp.replace(path)
 
     def _background(self) -> Iterator[Any]:
+        yield self._persist_loop()
         yield self.workload_entries_controller.run()
         if self.manifests is not None:
             yield self.manifests.run()

@@ -233,5 +233,30 @@ class ObjectStore:
         # Kubernetes creates a "default" service account in every namespace.
         return name == "default" and self.namespace_exists(namespace)
 
+    def export(self) -> list[dict[str, Any]]:
+        """Every object with where it came from, for persisting across restarts."""
+        return [{"source": self._sources.get(k), "object": d} for k, d in sorted(self._objects.items())]
+
+    def restore(self, entries: list[dict[str, Any]], where: str) -> list[str]:
+        """Put back what ``export`` gave (server fields kept); returns problems with skipped entries."""
+        problems: list[str] = []
+        for i, entry in enumerate(entries):
+            doc = entry.get("object") if isinstance(entry, dict) else None
+            if not isinstance(doc, dict):
+                problems.append(f"{where}: entry {i}: expected {{source, object}}")
+                continue
+            key = key_of(doc)
+            try:
+                self._store(key, copy.deepcopy(doc))
+            except ManifestErrors as e:
+                problems.append(f"{where}: entry {i}: {e}")
+                continue
+            if entry.get("source"):
+                self._sources[key] = str(entry["source"])
+            rv = str(doc.get("metadata", {}).get("resourceVersion", "0"))
+            self._rv = max(self._rv, int(rv) if rv.isdigit() else 0)
+        self._notify({k[0] for k in self._objects})
+        return problems
+
     def source_of(self, key: Key) -> str | None:
         return self._sources.get(key)
