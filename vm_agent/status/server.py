@@ -90,7 +90,16 @@ class StatusServer:
         self.port: int | None = None
 
     def set_shutting_down(self) -> None:
+        """Readiness answers 503 "server is terminated" from now on, as pilot-agent does once its context ends."""
         self._shutting_down = True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "listening": f"{self.settings.listen_host}:{self.port}" if self.port is not None else None,
+            "serving": self.ready.is_set(),
+            "shutting_down": self._shutting_down,
+            "last_readiness_reason": self._last_reason,
+        }
 
     async def readiness(self) -> str | None:
         """None when ready, else the first reason (Envoy first, then the agent's own checks)."""
@@ -219,6 +228,7 @@ class StatusServer:
             self.ready.set()
             await asyncio.Event().wait()
         finally:
+            self.ready.clear()
             for task in list(self._background):
                 task.cancel()
             await runner.cleanup()

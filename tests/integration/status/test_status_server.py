@@ -95,9 +95,14 @@ async def test_shutting_down_turns_readiness_into_server_is_terminated() -> None
     server = make_server(knobs)
     async with serve(server) as base:
         assert (await fetch("GET", base + "/healthz/ready"))[0] == 200
+        assert server.snapshot()["shutting_down"] is False
         server.set_shutting_down()
         status, body = await fetch("GET", base + "/healthz/ready")
         assert (status, body.strip()) == (503, "server is terminated")
+        snap = server.snapshot()
+        assert snap["shutting_down"] is True and snap["serving"] is True
+        assert snap["listening"] == f"127.0.0.1:{server.port}"
+        assert snap["last_readiness_reason"] == "server is terminated"
 
 
 async def test_a_raising_check_is_a_503_not_a_500() -> None:
