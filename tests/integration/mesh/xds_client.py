@@ -194,8 +194,9 @@ async def ads(
     token: str | None = None,
     client: tuple[bytes, bytes] | None = None,
     delta: bool = False,
+    cluster_id: str = "Kubernetes",
 ) -> AsyncIterator[AdsClient]:
-    metadata: list[tuple[str, str]] = [("clusterid", "Kubernetes")]
+    metadata: list[tuple[str, str]] = [("clusterid", cluster_id)]
     if token:
         metadata.append(("authorization", f"Bearer {token}"))
     async with channel(address, root, client) as ch:
