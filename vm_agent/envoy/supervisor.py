@@ -83,13 +83,16 @@ def exit_reason(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+# Looked up once in the parent: the child of a multi-threaded agent should not dlopen() between fork and exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     def preexec() -> None:
         # Runs in the forked child: if the agent dies without cleaning up (SIGKILL, OOM), the kernel kills
         # Envoy too, so no orphan keeps the ports and a stale config.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the agent died before prctl took effect
             os._exit(1)
 
     return preexec
