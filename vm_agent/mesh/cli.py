@@ -76,7 +76,11 @@ async def mesh_serve(settings: MeshSettings) -> int:
     """Run the local mesh until SIGINT/SIGTERM."""
     from vm_agent.mesh.server import MeshServer
 
-    mesh = MeshServer(settings)
+    try:
+        mesh = MeshServer(settings)
+    except (ValueError, OSError) as e:
+        print(f"vm-agent mesh serve: {e}", file=sys.stderr)
+        return 2
     task = asyncio.create_task(mesh.run(), name="mesh")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -138,6 +138,7 @@ class MeshServer:
     """A control plane that behaves like istiod towards a VM (it never claims to be istiod)."""
 
     def __init__(self, settings: MeshSettings) -> None:
+        settings.validate()
         self.settings = settings
         self.ready = asyncio.Event()
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

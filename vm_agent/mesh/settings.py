@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,37 @@ class MeshSettings:
     auto_allocate_vips: bool = True
     # How often the manifests folder is checked for changes.
     manifests_poll_s: float = 0.2
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        split_host_port(self.listen, "listen")
+        if self.plaintext_listen:
+            split_host_port(self.plaintext_listen, "plaintext_listen")
+        admin_host, _ = split_host_port(self.admin_listen, "admin_listen")
+        try:
+            loopback = ipaddress.ip_address(admin_host).is_loopback
+        except ValueError:
+            loopback = admin_host == "localhost"
+        if not loopback:
+            # The admin API changes the mesh and has no authentication.
+            raise ValueError(f"admin_listen: {self.admin_listen!r} is not a loopback address (127.0.0.0/8 or ::1)")
+        for ip in self.server_ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError as e:
+                raise ValueError(f"server_ips: {ip!r} is not an IP address") from e
+        if self.default_cert_ttl_s <= 0:
+            raise ValueError(f"default_cert_ttl_s: must be positive, got {self.default_cert_ttl_s}")
+        if self.max_cert_ttl_s < self.default_cert_ttl_s:
+            raise ValueError(
+                f"max_cert_ttl_s: {self.max_cert_ttl_s} is below default_cert_ttl_s {self.default_cert_ttl_s}"
+            )
+        if self.grace_period_s < 0:
+            raise ValueError(f"grace_period_s: must not be negative, got {self.grace_period_s}")
+        if self.manifests_poll_s <= 0:
+            raise ValueError(f"manifests_poll_s: must be positive, got {self.manifests_poll_s}")
+        if self.manifests_dir is not None and not self.manifests_dir.is_dir():
+            raise ValueError(f"manifests_dir: {self.manifests_dir} is not a folder")
 
 
 def split_host_port(address: str, what: str) -> tuple[str, int]:

@@ -172,3 +172,20 @@ def test_rfc3339_nano_trims_zeros() -> None:
 
     assert rfc3339_nano(dt.datetime(2024, 1, 2, 3, 4, 5, 120000, tzinfo=dt.UTC)) == "2024-01-02T03:04:05.12Z"
     assert rfc3339_nano(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)) == "2024-01-02T03:04:05Z"
+
+
+def test_settings_validation(tmp_path: Path) -> None:
+    from vm_agent.mesh.settings import MeshSettings
+
+    MeshSettings(state_dir=tmp_path).validate()
+    bad = {
+        "admin_listen": ("10.1.2.3:15014", "loopback"),
+        "listen": ("nonsense", "HOST:PORT"),
+        "max_cert_ttl_s": (10, "below default_cert_ttl_s"),
+        "grace_period_s": (-1.0, "negative"),
+        "server_ips": (("istiod",), "not an IP"),
+        "manifests_dir": (tmp_path / "missing", "not a folder"),
+    }
+    for field, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            MeshSettings(state_dir=tmp_path, **{field: value}).validate()  # type: ignore[arg-type]
