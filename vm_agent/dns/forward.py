@@ -43,14 +43,20 @@ class Forwarder:
         self._next_id = next_id
         self.failures: dict[str, int] = {f"{h}:{p}": 0 for h, p in self.upstreams}
         self._channels: dict[Address, _UdpChannel] = {}
+        self._opening = asyncio.Lock()
 
     async def _channel(self, upstream: Address) -> _UdpChannel:
         channel = self._channels.get(upstream)
-        if channel is None or channel.transport is None:
-            channel = _UdpChannel(f"{upstream[0]}:{upstream[1]}")
-            await asyncio.get_running_loop().create_datagram_endpoint(lambda: channel, remote_addr=upstream)
-            self._channels[upstream] = channel
-        return channel
+        if channel is not None and channel.transport is not None:
+            return channel
+        # Queries racing to open the same channel must share one socket, not leak the others.
+        async with self._opening:
+            channel = self._channels.get(upstream)
+            if channel is None or channel.transport is None:
+                fresh = _UdpChannel(f"{upstream[0]}:{upstream[1]}")
+                await asyncio.get_running_loop().create_datagram_endpoint(lambda: fresh, remote_addr=upstream)
+                self._channels[upstream] = channel = fresh
+            return channel
 
     def close(self) -> None:
         """Close the upstream sockets (in the loop that used them)."""
@@ -58,6 +64,7 @@ class Forwarder:
             if channel.transport is not None:
                 channel.transport.close()
         self._channels.clear()
+        self._opening = asyncio.Lock()  # the next run() uses a new event loop
 
     async def exchange(self, query: bytes, tcp: bool, bufsize: int) -> bytes | None:
         """The first upstream reply to ``query``, or None when every server failed."""
