@@ -38,6 +38,8 @@ class StatusSettings:
     envoy_prometheus_port: int = 15090
     # Envoy's stats are read from its admin listener, which binds ::1 instead on IPv6-only hosts.
     envoy_admin_host: str = "127.0.0.1"
+    # METRICS_LOCALHOST_ACCESS_ONLY: the merged metrics are then served to loopback clients only.
+    metrics_localhost_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("port", "envoy_admin_port", "envoy_prometheus_port"):
@@ -127,6 +129,8 @@ class StatusServer:
         return web.Response(status=503, text=reason + "\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.settings.metrics_localhost_only and not _is_loopback(request):
+            return web.Response(status=403, text="metrics are served to loopback clients only\n")
         envoy_text = ""
         host = self.settings.envoy_admin_host
         url = f"http://{f'[{host}]' if ':' in host else host}:{self.settings.envoy_admin_port}/stats/prometheus"

@@ -205,3 +205,23 @@ async def test_drain_after_drain_in_place_stops_at_once(short_tmp: Path, ads: Ad
         await sup.drain()
         assert time.monotonic() - t0 < 5
         assert gone(pid)
+
+
+async def test_second_signal_cancels_a_long_drain_at_once(short_tmp: Path, ads: AdsStub) -> None:
+    sup = Supervisor(envoy_settings_for_test(short_tmp, termination_drain_duration_s=60))
+    task = asyncio.create_task(sup.run())
+    await wait_ready(sup)
+    pid = sup.pid
+    assert pid is not None
+    drain = asyncio.create_task(sup.drain())
+    await asyncio.sleep(0.3)
+    assert not drain.done()
+    # What the composition root does on a second SIGTERM: cancel everything.
+    t0 = time.monotonic()
+    drain.cancel()
+    task.cancel()
+    for t in (drain, task):
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    assert time.monotonic() - t0 < 5
+    assert gone(pid)

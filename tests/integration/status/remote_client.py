@@ -15,7 +15,7 @@ import aiohttp
 from vm_agent.status import StatusServer, StatusSettings
 
 
-async def main(address: str, port: int) -> None:
+async def main(address: str, port: int, metrics_localhost_only: bool) -> None:
     async def ready() -> str | None:
         return None
 
@@ -25,7 +25,7 @@ async def main(address: str, port: int) -> None:
         quits.append(1)
 
     server = StatusServer(
-        StatusSettings(listen_host="0.0.0.0", port=port),
+        StatusSettings(listen_host="0.0.0.0", port=port, metrics_localhost_only=metrics_localhost_only),
         envoy_ready=ready,
         snapshots={"x": dict},
         ndsz=dict,
@@ -56,4 +56,4 @@ async def main(address: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["metrics-localhost-only"]))

@@ -19,8 +19,7 @@ pytestmark = [pytest.mark.system, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns")
-def test_non_loopback_client_gets_403_on_control_and_debug() -> None:
+def run_in_namespace(*extra: str) -> dict[str, int]:
     ns = f"vma-status-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
@@ -37,6 +36,7 @@ def test_non_loopback_client_gets_403_on_control_and_debug() -> None:
                 "tests.integration.status.remote_client",
                 "10.213.0.1",
                 "15020",
+                *extra,
             ],
             cwd=ROOT,
             capture_output=True,
@@ -47,6 +47,13 @@ def test_non_loopback_client_gets_403_on_control_and_debug() -> None:
         results = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert isinstance(results, dict)
+    return results
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns")
+def test_non_loopback_client_gets_403_on_control_and_debug() -> None:
+    results = run_in_namespace()
     assert results == {
         "GET /healthz/ready": 200,  # readiness and metrics are for anyone who can reach the port
         "GET /stats/prometheus": 200,
@@ -57,3 +64,10 @@ def test_non_loopback_client_gets_403_on_control_and_debug() -> None:
         "GET /debug/status": 403,
         "callbacks": 0,
     }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns")
+def test_metrics_localhost_only_refuses_remote_scrapes() -> None:
+    results = run_in_namespace("metrics-localhost-only")
+    assert results["GET /stats/prometheus"] == 403
+    assert results["GET /healthz/ready"] == 200
