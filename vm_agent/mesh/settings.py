@@ -54,10 +54,9 @@ class MeshSettings:
                 raise ValueError(f"server_ips: {ip!r} is not an IP address") from e
         if self.default_cert_ttl_s <= 0:
             raise ValueError(f"default_cert_ttl_s: must be positive, got {self.default_cert_ttl_s}")
-        if self.max_cert_ttl_s < self.default_cert_ttl_s:
-            raise ValueError(
-                f"max_cert_ttl_s: {self.max_cert_ttl_s} is below default_cert_ttl_s {self.default_cert_ttl_s}"
-            )
+        if self.max_cert_ttl_s <= 0:
+            # Like istiod, the maximum bounds requested TTLs only; the default may exceed it.
+            raise ValueError(f"max_cert_ttl_s: must be positive, got {self.max_cert_ttl_s}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s: must not be negative, got {self.grace_period_s}")
         if self.manifests_poll_s <= 0:

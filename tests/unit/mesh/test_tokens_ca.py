@@ -181,7 +181,7 @@ def test_settings_validation(tmp_path: Path) -> None:
     bad = {
         "admin_listen": ("10.1.2.3:15014", "loopback"),
         "listen": ("nonsense", "HOST:PORT"),
-        "max_cert_ttl_s": (10, "below default_cert_ttl_s"),
+        "max_cert_ttl_s": (0, "must be positive"),
         "grace_period_s": (-1.0, "negative"),
         "server_ips": (("istiod",), "not an IP"),
         "manifests_dir": (tmp_path / "missing", "not a folder"),
