@@ -224,14 +224,12 @@ class Supervisor:
         if proc is not None and proc.returncode is None and not self._drained:
             self._state = "draining"
             self._drained = True
-            try:
-                await self.admin.drain_listeners(inbound_only=True, graceful=True)
-            except Exception as exc:
-                log.warning("drain_listeners failed, stopping Envoy without drain: %s", exc)
-            else:
-                log.info("draining Envoy for %.1fs", self.settings.termination_drain_duration_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout=self.settings.termination_drain_duration_s)
+            # Like pilot-agent, wait the full duration even if the drain request failed: connections that are
+            # open keep being served until then.
+            await self.admin.drain_listeners(inbound_only=True, graceful=True)
+            log.info("draining Envoy for %.1fs", self.settings.termination_drain_duration_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout=self.settings.termination_drain_duration_s)
         await self.stop()
 
     async def drain_in_place(self) -> None:
