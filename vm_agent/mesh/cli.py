@@ -293,7 +293,8 @@ async def mesh_vm_files(
     try:
         info = runtime_info(state)
         base = admin_url_for(admin_url, state)
-        objects = await _objects_from_admin(base, namespace) if (admin_url or info) else None
+        # An explicit --manifests folder wins; else the running mesh; else its (or the state's) folder.
+        objects = await _objects_from_admin(base, namespace) if (admin_url or info) and not manifests else None
         source = f"the mesh admin API at {base}"
         if objects is None:
             folder = manifests or (Path(info["manifests_dir"]) if info.get("manifests_dir") else state / "manifests")
