@@ -39,6 +39,8 @@ LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 # istiod pushes in this order so that a proxy never sees a reference before its target.
 PUSH_ORDER = (CDS, EDS, LDS, RDS)
+# Types where naming nothing means "everything" (xDS wildcard); for the others it means "nothing".
+WILDCARD_TYPES = frozenset({CDS, LDS, NAME_TABLE_TYPE_URL, "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"})
 # A change to the left type makes the proxy re-warm the right one, so push it along (istiod's full push).
 FOLLOWERS = {CDS: EDS, LDS: RDS}
 
@@ -321,10 +323,11 @@ class AdsService:
                 return
             state.acked = entry
             ACKS.labels(_short(t), "ack").inc()
-            if (not names) == state.wildcard and names == state.names:
+            wildcard = not names and t in WILDCARD_TYPES
+            if wildcard == state.wildcard and names == state.names:
                 return
         state.subscribed = True
-        state.wildcard = not names
+        state.wildcard = not names and t in WILDCARD_TYPES
         state.names = names
         await self._push_sotw(stream, conn, t, self._generate(conn).get(t, {}), force=True)
 
@@ -380,7 +383,7 @@ class AdsService:
         if first:
             state.subscribed = True
             # Legacy wildcard: the first request for a type naming nothing subscribes to everything.
-            state.wildcard = not subscribe or "*" in subscribe
+            state.wildcard = (not subscribe and t in WILDCARD_TYPES) or "*" in subscribe
             state.client_versions = dict(req.initial_resource_versions)
         elif "*" in subscribe:
             state.wildcard = True

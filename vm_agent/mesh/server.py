@@ -29,6 +29,7 @@ from vm_agent.mesh.autoreg import WorkloadEntryController
 from vm_agent.mesh.ca import CAError, MeshCA, resolve_ttl
 from vm_agent.mesh.manifests import ManifestsFolder
 from vm_agent.mesh.model import MeshSnapshot
+from vm_agent.mesh.nametable import name_table
 from vm_agent.mesh.settings import ISTIOD_HOST, MeshSettings, split_host_port
 from vm_agent.mesh.store import Key, ObjectStore, parse_yaml
 from vm_agent.mesh.tokens import ServiceAccountIssuer
@@ -260,10 +261,9 @@ class MeshServer:
             if conn.gen_cache is not None:
                 return conn.gen_cache[1]  # keep what the proxy has
             raise GRPCError(Status.INTERNAL, f"xDS generation failed: {e}") from e
-        if table is not None:
-            packed = any_pb2.Any()
-            packed.Pack(table)
-            out[NAME_TABLE_TYPE_URL] = {"": packed}
+        packed = any_pb2.Any()
+        packed.Pack(table)
+        out[NAME_TABLE_TYPE_URL] = {"": packed}
         conn.gen_cache = (snap.version, out)
         return out
 
@@ -425,8 +425,4 @@ def _metadata(stream: Stream[Any, Any]) -> dict[str, str]:
 
 
 def _name_table(snap: MeshSnapshot, proxy: xdsgen.ProxyView, vips: dict[str, str]) -> Any:
-    try:
-        from vm_agent.mesh.nametable import name_table
-    except ImportError:  # the NameTable generator has not landed yet
-        return None
     return name_table(snap, proxy, vips=vips)

@@ -106,6 +106,9 @@ async def test_sotw_version_nonce_ack_nack_and_push(tmp_path: Path) -> None:
             conn = mesh.ads.snapshot()["connections"][0]
             assert conn["types"][CDS]["acked"]["nonce"] == cds.nonce
             assert conn["types"][LDS]["nacked"]["message"] == "bad listener"
+            # EDS is not a wildcard type: naming no clusters gets none.
+            await c.send(discovery_pb2.DiscoveryRequest(type_url=EDS))
+            assert len((await c.recv_type(EDS)).resources) == 0
             # A stale nonce (an answer to an older response) is ignored.
             await c.send(discovery_pb2.DiscoveryRequest(type_url=CDS, response_nonce="stale", resource_names=["x"]))
             await c.expect_nothing(0.3)
