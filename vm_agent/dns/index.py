@@ -100,72 +100,90 @@ def _answer(question: bytes, head: bytes, addrs: tuple[bytes, ...]) -> Prebuilt:
 
 @dataclass(slots=True)
 class _Host:
-    """What Istio's LookupTable holds for one lower-cased name (while building)."""
+    """What Istio's LookupTable holds for one lower-cased name (only while building)."""
 
     v4: tuple[bytes, ...] = ()  # rdata
     v6: tuple[bytes, ...] = ()
     cname: bytes | None = None  # target (wire)
 
 
-# The same, frozen as a plain tuple (v4 rdata, v6 rdata, CNAME target): the garbage collector stops
-# tracking tuples of bytes, so a 100k-name index does not lengthen every full collection.
-HostRecord = tuple[tuple[bytes, ...], tuple[bytes, ...], bytes | None]
-_NO_HOST: HostRecord = ((), (), None)
+_NO_HOST = _Host()
 
 
 @dataclass
 class NameIndex:
-    """Read-only after ``build_index``; shared between threads."""
+    """Read-only after ``build_index``; shared between threads.
+
+    Only the prebuilt answers are kept (the general path decodes records back out of them), so a
+    name costs two dict entries and their bytes, nothing more.
+    """
 
     # lower-cased question (wire name + type + class IN) → answer; the fast path's only lookup
     exact: dict[bytes, Prebuilt]
-    hosts: dict[bytes, HostRecord]
     entries: int
     skipped: int
     wildcards: bool = field(default=False)
 
     def __len__(self) -> int:
-        return len(self.hosts)
+        return len(self.exact) // 2  # every known name has an A and an AAAA answer
 
     def lookup(self, qname_lower: bytes, qtype: int) -> list[wire.Record] | None:
         """Records answering (name, type), [] for NODATA, None when the table does not own it.
 
         The general path (wildcards, CNAME renaming); ``exact`` serves the common case faster.
         """
-        if qtype not in (wire.TYPE_A, wire.TYPE_AAAA):
+        if qtype == wire.TYPE_A:
+            suffix = _A_IN
+        elif qtype == wire.TYPE_AAAA:
+            suffix = _AAAA_IN
+        else:
             return None
-        key = qname_lower
-        host = self.hosts.get(key)
+        answer = self.exact.get(qname_lower + suffix)
         wildcard = False
-        if host is None and self.wildcards and qname_lower[0] != 0:
+        if answer is None and self.wildcards and qname_lower[0] != 0:
             pos = 0
             # Strip one label at a time; never down to a bare "*." (Istio builds "*.." there).
             while True:
                 pos += 1 + qname_lower[pos]
                 if qname_lower[pos] == 0:
                     break
-                candidate = b"\x01*" + qname_lower[pos:]
-                host = self.hosts.get(candidate)
-                if host is not None:
-                    key = candidate
+                answer = self.exact.get(b"\x01*" + qname_lower[pos:] + suffix)
+                if answer is not None:
                     wildcard = True
                     break
-        if host is None:
+        if answer is None:
             return None
-        out: list[wire.Record] = []
-        cname = host[2]
-        if cname is not None:
-            out.append((qname_lower, wire.TYPE_CNAME, cname))
-            key = cname
-            host = self.hosts.get(key, _NO_HOST)
-        rdatas = host[0] if qtype == wire.TYPE_A else host[1]
-        if not rdatas:
-            return []
-        # A wildcard answer takes the question's name, except after a CNAME where Istio keeps the
-        # target's own owner.
-        owner = qname_lower if wildcard and not out else key
-        out.extend((owner, qtype, rdata) for rdata in rdatas)
-        return out
+        records = _records(answer)
+        if wildcard and records:
+            if records[0][1] == wire.TYPE_CNAME:
+                # The CNAME is renamed to the question; the addresses keep the target's owner.
+                records[0] = (qname_lower, wire.TYPE_CNAME, records[0][2])
+            else:
+                records = [(qname_lower, rtype, rdata) for _, rtype, rdata in records]
+        return records
+
+
+def _records(answer: Prebuilt) -> list[wire.Record]:
+    """Decode the answer section back out of a prebuilt answer (names in it are uncompressed)."""
+    if isinstance(answer, bytes):
+        count = int.from_bytes(answer[2:4], "big")
+        _, pos = wire.read_name(answer, 8)
+        return _decode_rrs(answer, pos + 4, count)
+    out = _decode_rrs(answer.head, 0, 1) if answer.head else []
+    for rr in answer.addrs:
+        out += _decode_rrs(rr, 0, 1)
+    return out
+
+
+def _decode_rrs(buf: bytes, pos: int, count: int) -> list[wire.Record]:
+    out: list[wire.Record] = []
+    for _ in range(count):
+        owner, pos = wire.read_name(buf, pos)
+        rtype = int.from_bytes(buf[pos : pos + 2], "big")
+        rdlen = int.from_bytes(buf[pos + 8 : pos + 10], "big")
+        out.append((owner, rtype, buf[pos + 10 : pos + 10 + rdlen]))
+        pos += 10 + rdlen
+    return out
 
 
 def _split_ips(ips: Iterable[str]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -244,29 +262,26 @@ def build_index(
                     if target is None:
                         target = hosts[expanded] = _Host()
                     target.cname = key
-    frozen: dict[bytes, HostRecord] = {key: (h.v4, h.v6, h.cname) for key, h in hosts.items()}
-    del hosts
     exact: dict[bytes, Prebuilt] = {}
     wildcards = False
-    for key, record in frozen.items():
+    for key, host in hosts.items():
         for qtype, suffix in ((wire.TYPE_A, _A_IN), (wire.TYPE_AAAA, _AAAA_IN)):
-            exact[key + suffix] = _resolve(frozen, key, record, qtype, key + suffix)
+            exact[key + suffix] = _resolve(hosts, key, host, qtype, key + suffix)
         if key.startswith(b"\x01*"):
             wildcards = True
-    return NameIndex(exact, frozen, len(table.table), skipped, wildcards)
+    return NameIndex(exact, len(table.table), skipped, wildcards)
 
 
 _A_IN = b"\x00\x01\x00\x01"
 _AAAA_IN = b"\x00\x1c\x00\x01"
 
 
-def _resolve(hosts: dict[bytes, HostRecord], key: bytes, host: HostRecord, qtype: int, question: bytes) -> Prebuilt:
+def _resolve(hosts: dict[bytes, _Host], key: bytes, host: _Host, qtype: int, question: bytes) -> Prebuilt:
     head = b""
     owner = key
-    cname = host[2]
-    if cname is not None:
-        head = wire.rr_bytes(key, wire.TYPE_CNAME, cname)
-        owner = cname
-        host = hosts.get(owner, _NO_HOST)
-    rdatas = host[0] if qtype == wire.TYPE_A else host[1]
+    if host.cname is not None:
+        head = wire.rr_bytes(key, wire.TYPE_CNAME, host.cname)
+        owner = host.cname
+        host = hosts.get(owner) or _NO_HOST
+    rdatas = host.v4 if qtype == wire.TYPE_A else host.v6
     return _answer(question, head, tuple(wire.rr_bytes(owner, qtype, rdata) for rdata in rdatas))
