@@ -192,8 +192,6 @@ class MeshCA:
         public = csr.public_key()
         if not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             raise CAError("csr", f"csr: unsupported key type {type(public).__name__}; expected RSA or ECDSA")
-        if isinstance(public, rsa.RSAPublicKey) and public.key_size < 2048:
-            raise CAError("csr", f"csr: RSA key of {public.key_size} bits; at least 2048 required")
         cert = self._leaf(
             public, [x509.UniformResourceIdentifier(identity.uri)], dt.timedelta(seconds=ttl_s), x509.Name([])
         )
