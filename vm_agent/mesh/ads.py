@@ -159,11 +159,13 @@ class AdsService:
         generate: Generator,
         hooks: Hooks,
         version: Callable[[], str],
+        max_stream_age_s: float | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._generate = generate
         self._hooks = hooks
         self._version = version
+        self._max_age = max_stream_age_s
         self.connections: dict[str, Connection] = {}
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -241,8 +243,19 @@ class AdsService:
     async def _loop(self, stream: Stream[Any, Any], conn: Connection) -> None:
         """Process requests and changes in order, until the proxy ends the stream."""
         registered = False
+        loop = asyncio.get_running_loop()
+        # istiod's max connection age (30 min in a default install) makes proxies reconnect now and then.
+        deadline = loop.time() + self._max_age if self._max_age else None
         while True:
-            kind, payload = await conn.events.get()
+            if deadline is None:
+                kind, payload = await conn.events.get()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        kind, payload = await conn.events.get()
+                except TimeoutError:
+                    log.info("ADS stream %s reached its maximum age; closing it", conn.conn_id or conn.peer)
+                    return
             if kind == "eof":
                 return
             if kind == "change":

@@ -165,6 +165,7 @@ class MeshServer:
             generate=self._generate,
             hooks=self.workload_entries_controller,
             version=self._push_version,
+            max_stream_age_s=settings.max_stream_age_s,
         )
         self._services: list[Any] = [CertificateService(self), self.ads]
         self.manifests = (

@@ -33,6 +33,8 @@ class MeshSettings:
     auto_allocate_vips: bool = True
     # How often the manifests folder is checked for changes.
     manifests_poll_s: float = 0.2
+    # Close ADS streams after this long (istiod: keepaliveMaxServerConnectionAge, 30 min); None = never.
+    max_stream_age_s: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
@@ -59,6 +61,8 @@ class MeshSettings:
             raise ValueError(f"max_cert_ttl_s: must be positive, got {self.max_cert_ttl_s}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s: must not be negative, got {self.grace_period_s}")
+        if self.max_stream_age_s is not None and self.max_stream_age_s <= 0:
+            raise ValueError(f"max_stream_age_s: must be positive, got {self.max_stream_age_s}")
         if self.manifests_poll_s <= 0:
             raise ValueError(f"manifests_poll_s: must be positive, got {self.manifests_poll_s}")
         if self.manifests_dir is not None and not self.manifests_dir.is_dir():

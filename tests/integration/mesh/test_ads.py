@@ -175,3 +175,14 @@ async def test_client_certificate_admits_ads_stream(tmp_path: Path) -> None:
             assert conn["authenticated_by"] == "client-cert"
             assert conn["identities"] == ["spiffe://cluster.local/ns/vm-ns/sa/vm-sa"]
         await asyncio.sleep(0)
+
+
+async def test_max_stream_age_ends_the_stream_cleanly(tmp_path: Path) -> None:
+    async with running_mesh(tmp_path, VM_MANIFESTS, max_stream_age_s=0.5) as mesh:
+        token = mesh.mint_token("vm-ns", "vm-sa")
+        async with ads(mesh.xds_address, mesh.root_cert_pem, token=token) as c:
+            await c.send(discovery_pb2.DiscoveryRequest(type_url=CDS, node=node()))
+            await c.recv_type(CDS)
+            assert await c.status() == grpc.StatusCode.OK
+        entry = mesh.workload_entries()[0]
+        assert "istio.io/disconnectedAt" in entry["metadata"]["annotations"]
