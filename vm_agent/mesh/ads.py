@@ -17,7 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.json_format import MessageToDict
 from grpclib.const import Cardinality, Handler, Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 from prometheus_client import Counter, Gauge
 
@@ -219,6 +219,9 @@ class AdsService:
                     reader.cancel()
         except* GRPCError as eg:
             raise eg.exceptions[0] from None
+        except* (StreamTerminatedError, ConnectionError):
+            # The proxy went away while we were sending: an ordinary end of stream.
+            log.debug("ADS %s stream from %s ended while sending", flavor, peer)
         finally:
             # Registered streams only: a refused one never counted as connected.
             if conn.conn_id in self.connections:
@@ -237,7 +240,7 @@ class AdsService:
                     conn.events.put_nowait(("eof", None))
                     return
                 conn.events.put_nowait(("request", msg))
-        except (GRPCError, ConnectionError, asyncio.IncompleteReadError) as e:
+        except (GRPCError, StreamTerminatedError, ConnectionError, asyncio.IncompleteReadError) as e:
             conn.events.put_nowait(("eof", e))
 
     async def _loop(self, stream: Stream[Any, Any], conn: Connection) -> None:
