@@ -100,6 +100,10 @@ class EnvoySettings:
     # Where Envoy's 15021 listener finds the status server; None → the family's localhost (Istio's choice).
     # Set it to StatusSettings.listen_host when that is a specific loopback address of the other family.
     status_host: str | None = None
+    # Restart backoff after Envoy exits: initial delay doubling up to the cap; a run this long resets it.
+    restart_backoff_initial_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+    restart_stable_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("admin_port", "status_port", "readiness_port", "prometheus_port"):
@@ -108,6 +112,11 @@ class EnvoySettings:
                 raise ValueError(f"EnvoySettings.{name}: expected a TCP port 1..65535, got {port!r}")
         if self.drain_duration_s < 0 or self.termination_drain_duration_s < 0:
             raise ValueError("EnvoySettings: drain durations must not be negative")
+        if not 0 < self.restart_backoff_initial_s <= self.restart_backoff_max_s:
+            raise ValueError(
+                "EnvoySettings.restart_backoff_initial_s/restart_backoff_max_s: expected 0 < initial <= max, got "
+                f"{self.restart_backoff_initial_s}/{self.restart_backoff_max_s}"
+            )
         if self.concurrency is not None and self.concurrency < 0:
             raise ValueError(f"EnvoySettings.concurrency: expected >= 0, got {self.concurrency}")
         level, _ = split_log_level(self.log_level)

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import itertools
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -98,6 +99,20 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+def spawn_plan(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """How to start Envoy so that it dies with the agent (PR_SET_PDEATHSIG).
+
+    Preferred: util-linux ``setpriv --pdeathsig KILL`` execs Envoy, so Python can spawn with vfork and no
+    preexec hook. A forked child of an agent that runs grpcio can otherwise abort in gRPC's fork handlers
+    before it reaches exec (seen here as an occasional SIGABRT on start). Without setpriv, a preexec hook
+    sets the signal instead.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+    return argv, _die_with_parent(os.getpid())
+
+
 def is_our_envoy(pid: int, binary: Path, bootstrap: Path) -> bool:
     """True only for a live process running ``binary`` with ``-c bootstrap`` (never an unrelated pid reuse)."""
     try:
@@ -134,16 +149,15 @@ def stop_leftover(pid_file: Path, binary: Path, bootstrap: Path) -> int | None:
         pid_file.unlink(missing_ok=True)
         return None
     log.warning("stopping Envoy pid %d left over from an earlier agent run", pid)
+    # SIGKILL straight away: its agent is gone, nobody drains for it, and pilot-agent ends Envoy with SIGKILL too.
     try:
         proc = psutil.Process(pid)
-        proc.terminate()
-        try:
-            proc.wait(timeout=_KILL_WAIT_S)
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=_KILL_WAIT_S)
+        proc.kill()
+        proc.wait(timeout=_KILL_WAIT_S)
     except psutil.NoSuchProcess:
         pass
+    except psutil.TimeoutExpired:
+        log.warning("leftover Envoy pid %d did not exit %.0fs after SIGKILL", pid, _KILL_WAIT_S)
     pid_file.unlink(missing_ok=True)
     return pid
 
@@ -160,7 +174,12 @@ class Supervisor:
     ) -> None:
         self.settings = settings
         self.admin = EnvoyAdmin(settings.admin_port, settings.localhost)
-        self._backoff = backoff or Backoff(clock=clock)
+        self._backoff = backoff or Backoff(
+            initial=settings.restart_backoff_initial_s,
+            cap=settings.restart_backoff_max_s,
+            stable_after=settings.restart_stable_after_s,
+            clock=clock,
+        )
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
         self._state = "new"
@@ -298,13 +317,13 @@ class Supervisor:
     # -- internals -----------------------------------------------------------------------------------
 
     async def _start(self, bootstrap: Path) -> asyncio.subprocess.Process:
-        argv = envoy_command(self.settings, bootstrap)
+        argv, preexec = spawn_plan(envoy_command(self.settings, bootstrap))
         self._state = "starting"
         self.admin.reset()
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent(os.getpid()),
+            preexec_fn=preexec,
             # Its own process group: a terminal's Ctrl-C reaches only the agent, which decides how to drain.
             start_new_session=True,
         )

@@ -135,9 +135,15 @@ async def test_leftover_envoy_from_earlier_run_is_stopped(short_tmp: Path, ads: 
         sup = Supervisor(settings)
         await async_wait_for(sup.admin.live, timeout=20, what="leftover Envoy live")
         async with running(sup):
+
+            async def replaced() -> bool:
+                return sup.pid not in (None, leftover.pid)
+
+            # Readiness alone could be answered by the leftover on the same admin port: wait for our own Envoy.
+            await async_wait_for(replaced, timeout=20, what="the supervisor's own Envoy")
             await wait_ready(sup)
+            # The supervisor reaps it (it is our child here), so poll() cannot show the signal, only the exit.
             assert leftover.poll() is not None, "the leftover Envoy should have been stopped"
-            assert sup.pid not in (None, leftover.pid)
     finally:
         if leftover.poll() is None:
             leftover.kill()
@@ -225,3 +231,23 @@ async def test_second_signal_cancels_a_long_drain_at_once(short_tmp: Path, ads: 
             await t
     assert time.monotonic() - t0 < 5
     assert gone(pid)
+
+
+async def test_backoff_comes_from_settings(short_tmp: Path, ads: AdsStub) -> None:
+    settings = envoy_settings_for_test(short_tmp, restart_backoff_initial_s=0.05, restart_backoff_max_s=0.1)
+    sup = Supervisor(settings)
+    async with running(sup):
+        await wait_ready(sup)
+        for round_ in range(1, 5):
+            old = sup.pid
+            assert old is not None
+            os.kill(old, signal.SIGKILL)
+            t0 = time.monotonic()
+
+            async def restarted(old: int = old) -> bool:
+                return sup.pid not in (None, old)
+
+            await async_wait_for(restarted, timeout=10, what=f"restart #{round_}")
+            # With the default 0.5 s doubling, the 4th restart would wait 4 s.
+            assert time.monotonic() - t0 < 2.5
+        assert sup.snapshot()["restarts"] == 4
