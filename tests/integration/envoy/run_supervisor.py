@@ -22,4 +22,9 @@ async def main(tmp: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[2:] == ["no-setpriv"]:
+        # Exercise the fallback for hosts without util-linux's setpriv: the preexec prctl hook.
+        import shutil
+
+        setattr(shutil, "which", lambda *args, **kwargs: None)  # noqa: B010 - a plain assignment upsets mypy
     asyncio.run(main(Path(sys.argv[1])))

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_envoy_dies_with_a_killed_agent(short_tmp: Path) -> None:
+@pytest.mark.parametrize("how", ["setpriv", "no-setpriv"])
+def test_envoy_dies_with_a_killed_agent(short_tmp: Path, how: str) -> None:
     agent = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.envoy.run_supervisor", str(short_tmp)],
+        [sys.executable, "-m", "tests.integration.envoy.run_supervisor", str(short_tmp), how],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
