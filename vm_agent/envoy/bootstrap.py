@@ -27,6 +27,15 @@ DEFAULT_RUNTIME: Mapping[str, Any] = {
 }
 
 LOG_TEXT_FORMAT = "%Y-%m-%dT%T.%fZ\t%l\tenvoy %n %g:%#\t%v\tthread=%t"
+# Same fields as the text form; %j is the message escaped for JSON.
+LOG_JSON_FORMAT: Mapping[str, str] = {
+    "level": "%l",
+    "time": "%Y-%m-%dT%T.%fZ",
+    "scope": "envoy %n",
+    "msg": "%j",
+    "caller": "%g:%#",
+    "thread": "%t",
+}
 
 # Without ProxyConfig globalDownstreamConnectionLimit Istio uses int32 max, i.e. "no limit" but the monitor
 # is present so the runtime key can still tune it.
@@ -100,6 +109,8 @@ class EnvoySettings:
     # Where Envoy's 15021 listener finds the status server; None → the family's localhost (Istio's choice).
     # Set it to StatusSettings.listen_host when that is a specific loopback address of the other family.
     status_host: str | None = None
+    # Envoy's own log lines as JSON, matching the agent's --log-format json.
+    log_as_json: bool = False
     # Restart backoff after Envoy exits: initial delay doubling up to the cap; a run this long resets it.
     restart_backoff_initial_s: float = 0.5
     restart_backoff_max_s: float = 30.0
@@ -334,7 +345,11 @@ def render_bootstrap(settings: EnvoySettings) -> dict[str, Any]:
 
     return {
         "node": node,
-        "application_log_config": {"log_format": {"text_format": LOG_TEXT_FORMAT}},
+        "application_log_config": {
+            "log_format": {"json_format": dict(LOG_JSON_FORMAT)}
+            if settings.log_as_json
+            else {"text_format": LOG_TEXT_FORMAT}
+        },
         "layered_runtime": {
             "layers": [
                 {"name": "global config", "static_layer": runtime_layer(settings.runtime_values)},

@@ -14,9 +14,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("ipv6_only", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sotw"])
-@pytest.mark.parametrize("metrics_localhost_only", [False, True], ids=["metrics-any", "metrics-local"])
+@pytest.mark.parametrize(
+    ("metrics_localhost_only", "log_as_json"), [(False, False), (True, True)], ids=["plain", "local-metrics-json-log"]
+)
 def test_envoy_validates_rendered_bootstrap(
-    tmp_path: Path, ipv6_only: bool, delta: bool, metrics_localhost_only: bool
+    tmp_path: Path, ipv6_only: bool, delta: bool, metrics_localhost_only: bool, log_as_json: bool
 ) -> None:
     ip = "fd00::7" if ipv6_only else "10.0.0.7"
     settings = EnvoySettings(
@@ -33,6 +35,7 @@ def test_envoy_validates_rendered_bootstrap(
         ipv6_only=ipv6_only,
         delta_xds=delta,
         metrics_localhost_only=metrics_localhost_only,
+        log_as_json=log_as_json,
         runtime_values={"overload.global_downstream_max_connections": "1000", "envoy.foo": "false"},
         concurrency=2,
         log_level="warning,misc:error",

@@ -164,6 +164,8 @@ def test_extensions_overload_and_deferred_stats() -> None:
     assert b["application_log_config"]["log_format"]["text_format"] == (
         "%Y-%m-%dT%T.%fZ\t%l\tenvoy %n %g:%#\t%v\tthread=%t"
     )
+    json_log = render_bootstrap(settings(log_as_json=True))["application_log_config"]["log_format"]
+    assert json_log["json_format"]["msg"] == "%j" and json_log["json_format"]["level"] == "%l"
     md = settings(node=NodeInfo(NODE_ID, "c", {"METADATA_DISCOVERY": "true"}))
     assert render_bootstrap(md)["bootstrap_extensions"][0]["name"] == "metadata_discovery"
     sotw = settings(node=NodeInfo(NODE_ID, "c", {"METADATA_DISCOVERY": "true"}), delta_xds=False)
@@ -216,6 +218,8 @@ def test_split_log_level_like_pilot_agent() -> None:
         ({"log_level": "loud"}, "log_level"),
         ({"node": NodeInfo("not-a-node-id", "c", {})}, "node.id"),
         ({"termination_drain_duration_s": -1}, "drain"),
+        ({"restart_backoff_initial_s": 0}, "restart_backoff"),
+        ({"restart_backoff_initial_s": 5, "restart_backoff_max_s": 1}, "restart_backoff"),
     ],
 )
 def test_bad_settings_name_the_field(kw: dict[str, Any], fragment: str) -> None:
