@@ -247,6 +247,8 @@ def test_agent_reports_a_token_istiod_refuses(control_plane: ControlPlane, group
         # The agent keeps running and retrying, says why in its log, and never holds a certificate.
         wait_until(while_alive(agent, lambda: "not-istio-ca" in agent.log_text()), 60, "the audience named in the log")
         agent.must_be_alive()
+        # vm-agent explains a refusal only after istiod's answer, so this also shows istiod said no.
+        assert "UNAUTHENTICATED" in agent.log_text(), agent.tail()
         assert agent.cert_chain_files() == []
     finally:
         agent.cleanup()
