@@ -42,6 +42,7 @@ def control_plane() -> Iterator[ControlPlane]:
     except BaseException:
         cp.stop()
         _keep_logs(work)
+        shutil.rmtree(work, ignore_errors=True)
         raise
     try:
         yield cp
