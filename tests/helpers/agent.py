@@ -35,7 +35,11 @@ def sample_manifests(
     service_port: int,
     probe: str | None = None,
 ) -> str:
-    """A namespace, its service account, a WorkloadGroup with a probe and a Service selecting it."""
+    """A namespace, a WorkloadGroup with a probe and a Service selecting it, and a client WorkloadGroup.
+
+    The client VM calls the service through its own Envoy; a VM does not get a loopback listener for its own
+    service (several Envoys share this host's 127.0.0.1), so the call crosses the mesh over mTLS.
+    """
     probe_yaml = probe or (
         f"    periodSeconds: 1\n    httpGet:\n      host: 127.0.0.1\n      port: {app_port}\n      path: /ready\n"
     )
@@ -66,6 +70,19 @@ spec:
   selector: {{app: {group}}}
   ports:
   - {{name: http, port: {service_port}, targetPort: {app_port}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: clientsa, namespace: {namespace}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {{name: client, namespace: {namespace}}}
+spec:
+  metadata:
+    labels: {{app: client}}
+  template:
+    serviceAccount: clientsa
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry

@@ -11,12 +11,14 @@ import json
 import os
 import socket
 import ssl
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import any_pb2
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from prometheus_client import Counter
 
@@ -133,6 +135,32 @@ class CertificateService:
         log.info("issued certificate for %s (ttl %ss, authenticated by %s)", identity, ttl, caller.via)
         self._mesh.record_certificate(identity.uri, ttl)
         await stream.send_message(ca_pb2.IstioCertificateResponse(cert_chain=chain))
+
+
+class _ClosingServer(Server):
+    """grpclib's Server.close() stops listening and cancels handlers but leaves connections open (asyncio
+    servers only close clients from Python 3.13). A stopped mesh must drop its clients, as a dying istiod
+    does, so agents see the disconnect at once instead of after keepalive timeouts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        made = protocol.connection_made
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            self._transports.add(transport)
+            made(transport)
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+    def close(self) -> None:
+        super().close()
+        for transport in list(self._transports):
+            transport.close()
 
 
 class MeshServer:
@@ -356,14 +384,14 @@ class MeshServer:
                 self.manifests.reload()
             tls_sock = bind_socket(self.settings.listen, "listen")
             socks.append(tls_sock)
-            tls = Server(self._services)
+            tls = _ClosingServer(self._services)
             await tls.start(sock=tls_sock, ssl=self._ssl_context())
             servers.append(tls)
             self._xds_address = _address(tls_sock)
             if self.settings.plaintext_listen:
                 plain_sock = bind_socket(self.settings.plaintext_listen, "plaintext_listen")
                 socks.append(plain_sock)
-                plain = Server(self._services)
+                plain = _ClosingServer(self._services)
                 await plain.start(sock=plain_sock)
                 servers.append(plain)
                 self._plaintext_address = _address(plain_sock)

@@ -106,14 +106,25 @@ class Setup:
         self.entry = f"{GROUP}-{agent.instance_ip}"
 
 
-async def start_setup(tmp_path: Path, mesh: Any, *, delta: bool = True, probe: str | None = None) -> Setup:
+def start_client(tmp_path: Path, mesh: Any, *, delta: bool = True) -> AgentProcess:
+    """A second VM (WorkloadGroup "client") whose Envoy calls the service over mTLS."""
+    ip = instance_ip()
+    files = write_vm_files(mesh, namespace=NS, group="client", out=tmp_path / "client-files", internal_ip=ip)
+    client = AgentProcess(files, instance_ip=ip, delta=delta)
+    client.start()
+    return client
+
+
+async def start_setup(
+    tmp_path: Path, mesh: Any, *, delta: bool = True, probe: str | None = None, extra: dict[str, str] | None = None
+) -> Setup:
     app_port, svc_port = free_port(), free_port()
     mesh.apply_yaml(sample_manifests(app_port=app_port, service_port=svc_port, probe=probe), source="test")
     app = App(app_port)
     await app.start()
     ip = instance_ip()
     files = write_vm_files(mesh, namespace=NS, group=GROUP, out=tmp_path / "vm-files", internal_ip=ip)
-    agent = AgentProcess(files, instance_ip=ip, delta=delta)
+    agent = AgentProcess(files, instance_ip=ip, delta=delta, extra=extra)
     agent.start()
     return Setup(tmp_path, mesh, agent, app, app_port, svc_port)
 
@@ -140,13 +151,14 @@ async def http_get(port: int, path: str = "/") -> tuple[int, str]:
 @pytest.mark.parametrize("delta", [True, False], ids=["delta", "sotw"])
 async def test_config_mtls_nametable_and_health_through_the_agent(tmp_path: Path, mesh: Any, delta: bool) -> None:
     s = await start_setup(tmp_path, mesh, delta=delta)
+    client = start_client(tmp_path, mesh, delta=delta)
     try:
         await s.agent.wait(s.agent.ready, 60, "/healthz/ready 200")
         dump = s.agent.config_dump()
         text = json.dumps(dump)
         # Envoy got the mesh's listeners and clusters through the agent, in the requested xDS flavour.
         assert f"outbound|{s.svc_port}||{HOST}" in text
-        assert dump_has_listener(dump, s.svc_port)
+        assert f"{s.agent.instance_ip}_{s.app_port}" in text  # the VM's own inbound (mTLS) listener
         assert "DELTA_GRPC" in text if delta else '"api_type": "GRPC"' in text
         # The NameTable reached the agent (DNS answers it) and never Envoy.
         assert "NameTable" not in text
@@ -155,25 +167,29 @@ async def test_config_mtls_nametable_and_health_through_the_agent(tmp_path: Path
             reply = dns_query(s.agent.ports.dns, HOST, tcp=tcp)
             assert reply.header.rcode == 0
             assert any(rr.rtype == QTYPE.A for rr in reply.rr)
-        # mTLS traffic: outbound listener → the VM's own inbound listener (mTLS) → the app.
+        # mTLS traffic: the client VM's outbound listener → the server VM's inbound listener (mTLS) → the app.
+        await client.wait(client.ready, 60, "client /healthz/ready 200")
+        assert dump_has_listener(client.config_dump(), s.svc_port)
         status, body = 0, ""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and status != 200:
             status, body = await http_get(s.svc_port)
             await asyncio.sleep(0.3)
         assert (status, body) == (200, "hello from the VM app")
-        assert any(f"spiffe://cluster.local/ns/{NS}/sa/vmsa" in x for x in s.app.seen_xfcc), s.app.seen_xfcc
+        assert any(f"spiffe://cluster.local/ns/{NS}/sa/clientsa" in x for x in s.app.seen_xfcc), s.app.seen_xfcc
         # Health reached istiod's stand-in: the auto-registered entry is Healthy.
         await s.agent.wait(lambda: (healthy_condition(mesh, s.entry) or {}).get("status") == "True", 20, "Healthy=True")
         st = s.agent.status()
-        assert st["identity"], st
+        assert st["identity"]["spiffe_id"] == f"spiffe://cluster.local/ns/{NS}/sa/vmsa"
     finally:
+        client.cleanup()
         s.agent.cleanup()
         await s.app.stop()
 
 
 async def test_envoy_killed_ten_times_sds_and_dns_keep_answering(tmp_path: Path, mesh: Any) -> None:
-    s = await start_setup(tmp_path, mesh)
+    # A 4 s cap keeps the test short; the doubling from 0.5 s and the cap are what is exercised.
+    s = await start_setup(tmp_path, mesh, extra={"VM_AGENT_ENVOY_RESTART_BACKOFF_MAX": "4s"})
     try:
         await s.agent.wait(s.agent.ready, 60, "/healthz/ready 200")
         import psutil
@@ -185,10 +201,10 @@ async def test_envoy_killed_ten_times_sds_and_dns_keep_answering(tmp_path: Path,
             assert await asyncio.to_thread(sds_answers, s.agent.sds_socket), f"SDS down after kill {i}"
             reply = await asyncio.to_thread(dns_query, s.agent.ports.dns, HOST)
             assert reply.header.rcode == 0
-            # The backoff doubles from 0.5 s: the tenth restart waits at most 30 s.
+            # The backoff doubles from 0.5 s up to the 4 s cap: live again within the backoff plus start-up.
             await s.agent.wait(
-                lambda p=pid: s.agent.envoy_live() and int(s.agent.status()["envoy"]["pid"]) != p,
-                35,
+                lambda p=pid: s.agent.envoy_live() and (s.agent.status()["envoy"].get("pid") or p) != p,
+                4 + 10,
                 f"Envoy live again after kill {i}",
             )
         assert int(s.agent.status()["envoy"]["restarts"]) >= 10
@@ -206,21 +222,28 @@ async def test_mesh_down_30s_envoy_keeps_config_and_reconnects(tmp_path: Path) -
     }
     async with running_mesh(tmp_path, **kwargs) as mesh:
         s = await start_setup(tmp_path, mesh)
+        client = start_client(tmp_path, mesh)
         manifests = sample_manifests(app_port=s.app_port, service_port=s.svc_port)
         try:
             await s.agent.wait(s.agent.ready, 60, "/healthz/ready 200")
+            await client.wait(client.ready, 60, "client /healthz/ready 200")
+            # Traffic flows once the server's entry is Healthy and the client got its endpoint.
+            await client.wait(
+                lambda: asyncio.run(http_get(s.svc_port))[0] == 200, 60, "traffic from the client VM to the service"
+            )
         except BaseException:
+            client.cleanup()
             s.agent.cleanup()
             await s.app.stop()
             raise
     try:
-        # The mesh is down for 30 s: Envoy keeps serving what it last got.
+        # The mesh is down for 30 s: both Envoys keep serving what they last got, traffic keeps flowing.
         await asyncio.sleep(30)
-        dump = s.agent.config_dump()
-        assert dump_has_listener(dump, s.svc_port), "Envoy lost its configuration while the mesh was down"
+        assert dump_has_listener(client.config_dump(), s.svc_port), "Envoy lost its configuration"
         status, _ = await http_get(s.svc_port)
         assert status == 200, "traffic stopped while the mesh was down"
         assert s.agent.envoy_live()
+        assert client.envoy_live()
         # Same state folder and port: the agent reconnects by itself, and a later change reaches Envoy.
         async with running_mesh(tmp_path, manifests, **kwargs) as mesh:
             new_port = free_port()
@@ -235,12 +258,19 @@ spec:
 """,
                 source="test",
             )
-            await s.agent.wait(
-                lambda: f"outbound|{new_port}||later.{NS}.svc.cluster.local" in json.dumps(s.agent.config_dump()),
+            await client.wait(
+                lambda: f"outbound|{new_port}||later.{NS}.svc.cluster.local" in json.dumps(client.config_dump()),
                 60,
                 "a change made after the restart reaching Envoy",
             )
+            status, _ = await http_get(new_port)
+            deadline = time.monotonic() + 20
+            while status != 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+                status, _ = await http_get(new_port)
+            assert status == 200
     finally:
+        client.cleanup()
         s.agent.cleanup()
         await s.app.stop()
 
@@ -292,12 +322,16 @@ async def test_health_timing_replay_and_not_ready_before_envoy_stops(tmp_path: P
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 cond = healthy_condition(mesh, entry) or {}
-                envoy_up = await asyncio.to_thread(agent.envoy_live) or agent.get(agent.admin_url + "/ready")[0] != 0
+                # Envoy still answers its admin API (LIVE or DRAINING) = it has not stopped yet.
+                envoy_up = await asyncio.to_thread(lambda: agent.get(agent.admin_url + "/ready", 0.5)[0] != 0)
                 if cond.get("status") == "False":
                     seen_false_while_envoy_up = envoy_up
                     break
                 await asyncio.sleep(0.05)
-            assert seen_false_while_envoy_up, "Healthy=False must reach istiod before Envoy stops"
+            assert seen_false_while_envoy_up, (
+                f"Healthy=False must reach istiod before Envoy stops: {healthy_condition(mesh, entry)}\n"
+                + agent.log()[-6000:]
+            )
             assert agent.proc is not None
             assert await asyncio.to_thread(agent.proc.wait, 30) == 0
     finally:
