@@ -20,7 +20,7 @@ from vm_agent.config import Config, Problem
 from vm_agent.config.formats import parse_duration
 from vm_agent.dns import DnsServer, DnsSettings
 from vm_agent.envoy.bootstrap import EnvoySettings, NodeInfo
-from vm_agent.envoy.supervisor import Backoff, Supervisor
+from vm_agent.envoy.supervisor import Supervisor
 from vm_agent.health import Checker, HealthSettings
 from vm_agent.identity.manager import SecretManager
 from vm_agent.identity.sds import SdsServer
@@ -82,8 +82,9 @@ def dns_settings(config: Config) -> DnsSettings:
     )
 
 
-def envoy_settings(config: Config) -> EnvoySettings:
+def envoy_settings(config: Config, *, log_as_json: bool = False) -> EnvoySettings:
     proxy = config.proxy
+    cap = config.env.get("VM_AGENT_ENVOY_RESTART_BACKOFF_MAX")
     return EnvoySettings(
         binary=Path(config.agent.envoy_binary) if config.agent.envoy_binary else None,
         config_dir=config.paths.proxy_config_dir,
@@ -110,6 +111,10 @@ def envoy_settings(config: Config) -> EnvoySettings:
         metrics_localhost_only=config.agent.metrics_localhost_only,
         runtime_values=proxy.runtime_values,
         pid_file=config.paths.state_dir / "envoy.pid",
+        # The status server listens on IPv4 loopback even on IPv6-only hosts; 15021 forwards there.
+        status_host="127.0.0.1",
+        log_as_json=log_as_json,
+        restart_backoff_max_s=max(0.5, parse_duration(cap)) if cap else 30.0,
     )
 
 
@@ -154,7 +159,7 @@ class _Stop(Exception):
 
 
 class Agent:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, log_as_json: bool = False) -> None:
         self.config = config
         ident = identity_settings(config)
         self.secrets = SecretManager(ident)
@@ -170,9 +175,7 @@ class Agent:
             client_cert=self.secrets.client_cert,
             on_name_table=self.dns.update if self.dns is not None else None,
         )
-        cap = config.env.get("VM_AGENT_ENVOY_RESTART_BACKOFF_MAX")
-        backoff = Backoff(cap=parse_duration(cap)) if cap else None
-        self.envoy = Supervisor(envoy_settings(config), backoff=backoff)
+        self.envoy = Supervisor(envoy_settings(config, log_as_json=log_as_json))
         # The systemd unit applies capture rules before the agent starts (as root); an agent that itself runs as
         # root keeps them in place and removes them on stop.
         self.capture = (
@@ -205,6 +208,8 @@ class Agent:
                 port=config.proxy.status_port,
                 envoy_admin_port=config.proxy.proxy_admin_port,
                 envoy_prometheus_port=config.agent.envoy_prometheus_port,
+                envoy_admin_host="::1" if config.node.ipv6_only else "127.0.0.1",
+                metrics_localhost_only=config.agent.metrics_localhost_only,
             ),
             envoy_ready=self.envoy.ready,
             readiness_checks=checks,
@@ -336,14 +341,14 @@ def _blocking_problems(config: Config) -> list[Problem]:
     return list(config.problems)
 
 
-def run_agent(config: Config) -> int:
+def run_agent(config: Config, *, log_as_json: bool = False) -> int:
     blocking = _blocking_problems(config)
     for p in config.problems:
         (log.error if p in blocking else log.warning)("%s", p)
     if blocking:
         print(f"vm-agent: {len(blocking)} configuration problem(s); run `vm-agent check` for details", file=sys.stderr)
         return 2
-    agent = Agent(config)
+    agent = Agent(config, log_as_json=log_as_json)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(agent.run())
     return 0

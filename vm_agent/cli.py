@@ -101,7 +101,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from vm_agent.agent import run_agent
 
     config = load(_options(ns))
-    return run_agent(config)
+    return run_agent(config, log_as_json=ns.log_format == "json")
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
