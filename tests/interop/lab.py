@@ -8,7 +8,6 @@ pushes: the suite only ever reads them, it never dials them.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import secrets
@@ -48,7 +47,6 @@ GRACE_PERIOD_S = 8
 STOCK_ENVOY_ISTIOD_ENV = {"PILOT_ENABLE_METADATA_EXCHANGE": "false", "PILOT_ENABLE_ALPN_FILTER": "false"}
 ISTIOD_TLS_PORT = 15012
 HERE = Path(__file__).resolve().parent
-PR_SET_PDEATHSIG = 1
 
 
 class LabError(RuntimeError):
@@ -116,10 +114,15 @@ class Proc:
             self.popen.wait(5)
 
 
-def _die_with_us() -> None:
-    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL (no finalizers)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_us(argv: list[str]) -> list[str]:
+    """``argv`` run through setpriv so the child is killed when the test process dies, even by SIGKILL.
+
+    KILL, not TERM: kube-apiserver's graceful shutdown waits on the etcd that is dying beside it. setpriv
+    (util-linux) rather than a preexec hook: forking a process that runs grpcio threads and then
+    executing Python in the child can hang or abort before exec.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
 
 
 def _spawn(
@@ -128,13 +131,7 @@ def _spawn(
     fh = log.open("wb")
     try:
         popen = subprocess.Popen(
-            argv,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_us,
+            _die_with_us(argv), stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
         )
     finally:
         fh.close()
