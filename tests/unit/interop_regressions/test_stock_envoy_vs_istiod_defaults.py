@@ -4,8 +4,8 @@ data/default-istiod-{cds,lds}.pb are istiod's DiscoveryResponses, byte for byte,
 them. istiod ran with its default settings and helm's `defaultProviders.metrics: [prometheus]` (docs/interop.md,
 "Stock Envoy and istiod defaults"). The first test pins the gap. The second one shows that removing the
 istio-proxy-only filters is enough for stock Envoy to take everything else. That is the rule
-`without_istio_proxy_filters` states, and the xDS proxy should apply it. Once the xDS proxy has it, use that
-function here instead of the local one.
+the xDS proxy applies (vm_agent.xds.extensions.strip_istio_proxy_filters), tested here through its byte-level
+entry point.
 """
 
 from __future__ import annotations
@@ -16,76 +16,32 @@ from pathlib import Path
 import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2
-from udpa.type.v1 import typed_struct_pb2 as udpa_typed_struct_pb2
-from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2
 
 from vm_agent.envoy_binary import find_envoy_binary
+from vm_agent.xds.extensions import CLUSTER_TYPE_URL, ISTIO_PROXY_ONLY, LISTENER_TYPE_URL, strip_istio_proxy_filters
 
 pytestmark = [pytest.mark.integration]
 
 DATA = Path(__file__).parent / "data"
-# Extensions only istio-proxy has, as istiod names their config types (TypedStruct-wrapped or not).
-ISTIO_PROXY_ONLY = frozenset(
-    {
-        "envoy.tcp.metadataexchange.config.MetadataExchange",
-        "io.istio.http.peer_metadata.Config",
-        "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
-        "stats.PluginConfig",
-    }
-)
-HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-
-
-def config_type(any_: any_pb2.Any) -> str:
-    """The filter's real config type: istiod wraps out-of-tree extensions in a TypedStruct."""
-    name = any_.type_url.rsplit("/", 1)[-1]
-    for cls in (xds_typed_struct_pb2.TypedStruct, udpa_typed_struct_pb2.TypedStruct):
-        if name == cls.DESCRIPTOR.full_name:
-            ts = cls()
-            any_.Unpack(ts)
-            return str(ts.type_url).rsplit("/", 1)[-1]
-    return name
 
 
 def without_istio_proxy_filters(
     clusters: list[cluster_pb2.Cluster], listeners: list[listener_pb2.Listener]
 ) -> dict[str, int]:
-    """Drops istio-proxy-only filters from clusters, network filter chains and HCM http_filters in place."""
+    """The xDS proxy's rule (vm_agent.xds.extensions), applied through its byte-level entry point."""
     dropped: dict[str, int] = {}
-
-    def keep(any_: any_pb2.Any) -> bool:
-        kind = config_type(any_)
-        if kind in ISTIO_PROXY_ONLY:
-            dropped[kind] = dropped.get(kind, 0) + 1
-            return False
-        return True
-
-    def chain(fc: listener_components_pb2.FilterChain) -> None:
-        kept = [f for f in fc.filters if keep(f.typed_config)]
-        for f in kept:
-            if config_type(f.typed_config) == HCM:
-                hcm = hcm_pb2.HttpConnectionManager()
-                f.typed_config.Unpack(hcm)
-                http = [h for h in hcm.http_filters if keep(h.typed_config)]
-                del hcm.http_filters[:]
-                hcm.http_filters.extend(http)
-                f.typed_config.Pack(hcm)
-        del fc.filters[:]
-        fc.filters.extend(kept)
-
-    for c in clusters:
-        kept_c = [f for f in c.filters if keep(f.typed_config)]
-        del c.filters[:]
-        c.filters.extend(kept_c)
-    for lis in listeners:
-        for fc in lis.filter_chains:
-            chain(fc)
-        if lis.HasField("default_filter_chain"):
-            chain(lis.default_filter_chain)
+    for items, type_url in ((clusters, CLUSTER_TYPE_URL), (listeners, LISTENER_TYPE_URL)):
+        resp = discovery_pb2.DiscoveryResponse(type_url=type_url)
+        for item in items:
+            resp.resources.add().Pack(item)
+        out, counts = strip_istio_proxy_filters(resp.SerializeToString(), type_url, delta=False)
+        for kind, n in counts.items():
+            dropped[kind] = dropped.get(kind, 0) + n
+        stripped = discovery_pb2.DiscoveryResponse.FromString(out)
+        for item, any_ in zip(items, stripped.resources, strict=True):
+            any_.Unpack(item)
     return dropped
 
 
@@ -144,3 +100,24 @@ def test_stock_envoy_takes_the_rest_once_istio_proxy_filters_are_dropped(tmp_pat
     assert set(dropped) == ISTIO_PROXY_ONLY, dropped  # all four occur in a default istiod's push
     res = envoy_validate(tmp_path, clusters, listeners)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_delta_response_is_stripped_and_untouched_responses_keep_their_bytes() -> None:
+    clusters, _ = istiod_resources()
+    delta = discovery_pb2.DeltaDiscoveryResponse(type_url=CLUSTER_TYPE_URL, nonce="n1", system_version_info="v")
+    for c in clusters:
+        r = delta.resources.add(name=c.name, version="h")
+        r.resource.Pack(c)
+    raw = delta.SerializeToString()
+    out, dropped = strip_istio_proxy_filters(raw, CLUSTER_TYPE_URL, delta=True)
+    assert dropped
+    assert b"MetadataExchange" not in out
+    parsed = discovery_pb2.DeltaDiscoveryResponse.FromString(out)
+    assert parsed.nonce == "n1"
+    assert [r.name for r in parsed.resources] == [c.name for c in clusters]
+    # Nothing to strip (or not LDS/CDS): the very same bytes go to Envoy.
+    again, none = strip_istio_proxy_filters(out, CLUSTER_TYPE_URL, delta=True)
+    assert again is out
+    assert none == {}
+    eds = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+    assert strip_istio_proxy_filters(raw, eds, delta=True)[0] is raw
