@@ -35,9 +35,8 @@ from tests.helpers.net import free_port  # noqa: E402
 RESULTS = REPO / "bench" / "results" / "startup.md"
 RUNS = int(os.environ.get("BENCH_STARTUP_RUNS", "5"))
 NAMES = int(os.environ.get("BENCH_NAMETABLE_ENTRIES", "10000"))
-PILOT_AGENT = (
-    Path(os.environ.get("VM_AGENT_INTEROP_CACHE", Path.home() / ".cache/vm-agent-interop")) / "bin/pilot-agent"
-)
+INTEROP_CACHE = Path(os.environ.get("VM_AGENT_INTEROP_CACHE", Path.home() / ".cache/vm-agent-interop"))
+PILOT_AGENT = INTEROP_CACHE / "bin/pilot-agent"
 
 
 def _rss_mb(pid: int) -> float:
@@ -80,7 +79,11 @@ async def one_run(tmp: Path, measure_memory: bool) -> dict[str, float]:
         t0 = time.monotonic()
         agent.start()
         try:
-            live = await _until(agent.envoy_live, 60)
+            try:
+                live = await _until(agent.envoy_live, 60)
+            except TimeoutError:
+                print(agent.log()[-4000:], file=sys.stderr)
+                raise
             ready = await _until(agent.ready, 60) + live
             out = {"live_s": live, "ready_s": ready}
             if measure_memory:
@@ -102,6 +105,27 @@ async def one_run(tmp: Path, measure_memory: bool) -> dict[str, float]:
             _ = t0
 
 
+def _istio_bootstrap_template() -> Path | None:
+    """pilot-agent renders Envoy's bootstrap from the template istio-sidecar ships; take it from the Go module
+    cache the interop build filled (never committed here)."""
+    pin = INTEROP_CACHE / "bin" / "pilot-discovery.pin"
+    version = pin.read_text().split()[0] if pin.exists() else "v0.0.0-20260827124520-eed52ebb66ad"
+    try:
+        out = subprocess.run(
+            ["go", "mod", "download", "-json", f"istio.io/istio@{version}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/local/go/bin"},
+        )
+        folder = Path(json.loads(out.stdout)["Dir"])
+    except (OSError, subprocess.SubprocessError, KeyError, ValueError):
+        return None
+    template = folder / "tools/packaging/common/envoy_bootstrap.json"
+    return template if template.exists() else None
+
+
 async def pilot_agent_run(tmp: Path) -> dict[str, float] | None:
     """Istio's agent with the same files against the same mesh, to the same two milestones."""
     if not PILOT_AGENT.exists():
@@ -117,6 +141,11 @@ async def pilot_agent_run(tmp: Path) -> dict[str, float] | None:
             shutil.copy(files / "root-cert.pem", root / "etc/certs/root-cert.pem")
             shutil.copy(files / "istio-token", root / "var/run/secrets/tokens/istio-token")
             shutil.copy(files / "mesh.yaml", root / "etc/istio/config/mesh")
+            template = _istio_bootstrap_template()
+            if template is None:
+                return None
+            (root / "var/lib/istio/envoy").mkdir(parents=True, exist_ok=True)
+            shutil.copy(template, root / "var/lib/istio/envoy/envoy_bootstrap_tmpl.json")
             env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PROXY_CONFIG"))}
             for line in (files / "cluster.env").read_text().splitlines():
                 key, _, value = line.partition("=")

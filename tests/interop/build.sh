@@ -34,19 +34,22 @@ have() { [ -x "$B/$1" ] && [ "$(cat "$B/$1.pin" 2>/dev/null)" = "$2" ]; }
 pin() { echo "$2" > "$B/$1.pin"; }
 
 t0=$(date +%s)
-if have pilot-discovery "$ISTIO_VERSION" && have istioctl "$ISTIO_VERSION" && [ -s "$W/istio-crds.yaml" ]; then
-  echo "build.sh: istiod + istioctl $ISTIO_VERSION cached in $B"
+if have pilot-discovery "$ISTIO_VERSION" && have istioctl "$ISTIO_VERSION" && have pilot-agent "$ISTIO_VERSION" \
+  && [ -s "$W/istio-crds.yaml" ]; then
+  echo "build.sh: istiod + istioctl + pilot-agent $ISTIO_VERSION cached in $B"
 else
   echo "build.sh: building pilot-discovery + istioctl $ISTIO_VERSION ($(date -u +%T))"
-  # One command for both so they share one compile of istio's dependencies. Tags = Istio's STANDARD_TAGS.
+  # One command for all so they share one compile of istio's dependencies. Tags = Istio's STANDARD_TAGS.
+  # pilot-agent is the named peer of bench/bench_startup.py.
   GOBIN=$B $NICE go install -trimpath -tags vtprotobuf,disable_pgv -ldflags "-s -w" \
     "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION" \
-    "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION"
+    "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION" \
+    "istio.io/istio/pilot/cmd/pilot-agent@$ISTIO_VERSION"
   ISTIO_DIR=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
   cp "$ISTIO_DIR/manifests/charts/base/files/crd-all.gen.yaml" "$W/istio-crds.yaml.tmp"
   chmod u+w "$W/istio-crds.yaml.tmp" && mv "$W/istio-crds.yaml.tmp" "$W/istio-crds.yaml"
-  pin pilot-discovery "$ISTIO_VERSION"; pin istioctl "$ISTIO_VERSION"
+  pin pilot-discovery "$ISTIO_VERSION"; pin istioctl "$ISTIO_VERSION"; pin pilot-agent "$ISTIO_VERSION"
 fi
 t1=$(date +%s)
 

