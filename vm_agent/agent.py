@@ -171,6 +171,9 @@ class Agent:
                 upstream=upstream_settings(config, for_ca=False),
                 dns_enabled=self.dns is not None,
                 health_heartbeat_s=config.agent.health_heartbeat_s,
+                # Stock Envoy (what we ship) cannot load istio-proxy's telemetry filters; an istio-proxy binary can.
+                strip_istio_proxy_filters=config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "true").lower()
+                not in ("false", "0", "no"),
             ),
             client_cert=self.secrets.client_cert,
             on_name_table=self.dns.update if self.dns is not None else None,
