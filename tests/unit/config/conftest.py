@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "istioctl"
-if not FIXTURES.is_dir():  # CI clones next to a copy of shared/
-    FIXTURES = Path("/work/shared/fixtures/istioctl")
+from tests.helpers.fixtures import ISTIOCTL_FIXTURES
+
+FIXTURES = ISTIOCTL_FIXTURES
 
 FAKE_JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl"
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
+from tests.helpers.fixtures import ISTIOCTL_FIXTURES
 from vm_agent.mesh.vmfiles import (
     VmFilesError,
     VmFilesOptions,
@@ -16,7 +15,7 @@ from vm_agent.mesh.vmfiles import (
     render_vm_files,
 )
 
-FIXTURES = Path("/work/shared/fixtures/istioctl")
+FIXTURES = ISTIOCTL_FIXTURES
 
 
 @pytest.mark.parametrize(

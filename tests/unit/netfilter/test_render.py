@@ -4,10 +4,10 @@ chain prefix ISTIO_ → VMAGENT_, plus our documented additions (protected ports
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import pytest
 
+from tests.helpers.fixtures import ISTIOCTL_FIXTURES
 from vm_agent.netfilter import (
     CaptureSettings,
     CaptureSettingsError,
@@ -21,7 +21,7 @@ from vm_agent.netfilter import (
 from vm_agent.netfilter.backend import _reconcile_text
 from vm_agent.netfilter.render import iptables_tables
 
-FIXTURES = Path("/work/shared/fixtures/istioctl")
+FIXTURES = ISTIOCTL_FIXTURES
 
 # §11.2 "default VM": REDIRECT mode, inbound *, outbound *, DNS capture, one v4 resolver R,
 # UID = GID = 1337, R = 127.0.0.53, ISTIO_LOCAL_EXCLUDE_PORTS = 22,15090,15021,15020.

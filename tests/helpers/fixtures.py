@@ -1,0 +1,17 @@
+"""Where the read-only shared fixtures are: beside the checkout (CI clones next to a copy of shared/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def shared_dir() -> Path:
+    for candidate in (_REPO.parent / "shared", Path("/work/shared")):
+        if (candidate / "fixtures").is_dir():
+            return candidate
+    return _REPO.parent / "shared"
+
+
+ISTIOCTL_FIXTURES = shared_dir() / "fixtures" / "istioctl"
