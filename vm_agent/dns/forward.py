@@ -106,7 +106,7 @@ class Forwarder:
             # miekg/dns unpacks the reply; one it cannot parse counts as a failed server.
             wire.parse_message(reply)
             return reply
-        except (TimeoutError, OSError, wire.FormatError, asyncio.IncompleteReadError, UpstreamError) as err:
+        except Exception as err:
             self.failures[f"{upstream[0]}:{upstream[1]}"] += 1
             reason = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
             raise UpstreamError(f"{upstream[0]}:{upstream[1]}: {reason}") from None

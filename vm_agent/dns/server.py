@@ -353,9 +353,12 @@ class DnsServer:
         except OSError:
             pass  # the client went away; nothing to tell it
         except Exception:
-            # One query's bug must not cancel the others in the group.
+            # One query's bug must not cancel the others in the group, and the client still gets an answer
+            # (SERVFAIL) instead of waiting for its own timeout.
             self._stats.outcome("error")
             log.exception("forwarding a query from %s failed", addr)
+            with contextlib.suppress(OSError):
+                sock.sendto(servfail(decision.message), addr)
 
     async def _forward(self, data: bytes, tcp: bool, bufsize: int, msg: wire.Message) -> bytes:
         reply = await self._forwarder.exchange(data, tcp, bufsize)
