@@ -305,9 +305,10 @@ async def test_health_timing_replay_and_not_ready_before_envoy_stops(tmp_path: P
             await agent.wait(lambda: (healthy_condition(mesh, entry) or {}).get("status") == "True", 60, "Healthy")
             app.healthy = False
             t0 = time.monotonic()
-            await agent.wait(lambda: (healthy_condition(mesh, entry) or {}).get("status") == "False", 30, "False")
+            while (healthy_condition(mesh, entry) or {}).get("status") != "False" and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.02)  # the mesh runs in this loop: poll it directly, finely
             elapsed = time.monotonic() - t0
-            assert elapsed <= period * threshold + 1 + 0.5, f"unhealthy reported after {elapsed:.1f}s"
+            assert elapsed <= period * threshold + 1, f"unhealthy reported after {elapsed:.1f}s"
             cond = healthy_condition(mesh, entry) or {}
             assert "503" in cond.get("message", ""), cond
             app.healthy = True
