@@ -6,55 +6,16 @@ applies and the package's removal cleans up never touch the host's netfilter tab
 
 from __future__ import annotations
 
-import secrets
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.system.packaging.conftest import Packages
+from tests.system.packaging.conftest import Chroot, Packages
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 FIXTURE = Path("/work/shared/fixtures/istioctl/ipv4")
-CLEAN_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive"]
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    if shutil.which("ip") is None:
-        pytest.skip("needs `ip` from iproute2 to create a network namespace")
-    name = f"vmpkg-{secrets.token_hex(3)}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"`ip netns add` does not work here: {made.stderr.strip()}")
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-
-
-class Chroot:
-    def __init__(self, root: Path, netns: str) -> None:
-        self.root = root
-        self.netns = netns
-
-    def run(self, *cmd: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
-        # A private /proc (the agent reads interfaces from it) that vanishes with the mount namespace.
-        private_proc = ["unshare", "--mount", "--pid", "--fork", f"--mount-proc={self.root / 'proc'}"]
-        full = ["ip", "netns", "exec", self.netns, *private_proc, "chroot", str(self.root), *CLEAN_ENV, *cmd]
-        done = subprocess.run(full, capture_output=True, text=True, timeout=180, check=False)
-        if expect is not None:
-            assert done.returncode == expect, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        return done
-
-    def path(self, inside: str) -> Path:
-        return self.root / inside.lstrip("/")
-
-    def rules(self) -> str:
-        return self.run("iptables-save").stdout + self.run("ip6tables-save").stdout
 
 
 def test_install_upgrade_remove_in_debian_root(packages: Packages, debian_root: Path, netns: str) -> None:
