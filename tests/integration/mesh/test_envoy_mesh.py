@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import json
-import threading
-from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers.apps import echo_app, get_json, serving
 from tests.helpers.mesh import MeshServer, running_mesh
 from tests.helpers.net import free_port
 from tests.integration.mesh.envoy_support import admin_get, bootstrap, running_envoy, sds_server
@@ -61,45 +59,6 @@ spec: {{selector: {{app: b}}, ports: [{{name: http, port: {sb}, targetPort: {pb}
 """.replace("sb-placeholder", "sa-b")
 
 
-def _app(name: str) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"app": name, "path": self.path, "headers": dict(self.headers.items())}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-
-
-@contextlib.contextmanager
-def _serving(server: ThreadingHTTPServer) -> Iterator[int]:
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
-
-
-def _get(port: int, path: str, ip: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection(ip, port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, (json.loads(raw) if resp.getheader("content-type") == "application/json" else {})
-    finally:
-        conn.close()
-
-
 @contextlib.asynccontextmanager
 async def _vm(mesh: MeshServer, work: Path, ip: str, group: str, sa: str, *, delta: bool) -> AsyncIterator[int]:
     work.mkdir(parents=True, exist_ok=True)
@@ -138,7 +97,7 @@ async def _until_ok(port: int, path: str, timeout: float = 15.0) -> tuple[int, d
     last: Any = None
     while loop.time() < deadline:
         try:
-            status, body = await asyncio.to_thread(_get, port, path)
+            status, body = await asyncio.to_thread(get_json, port, path, timeout=5)
             if status == 200:
                 return status, body
             last = status
@@ -149,7 +108,7 @@ async def _until_ok(port: int, path: str, timeout: float = 15.0) -> tuple[int, d
 
 
 async def test_two_envoys_mtls_through_the_local_mesh(tmp_path: Path) -> None:
-    with _serving(_app("a")) as pa, _serving(_app("b")) as pb:
+    with serving(echo_app("a")) as pa, serving(echo_app("b")) as pb:
         sa, sb = free_port(), free_port()
         async with running_mesh(tmp_path, MESH.format(pa=pa, pb=pb, sa=sa, sb=sb)) as mesh:
             await _exercise(mesh, tmp_path, pa=pa, pb=pb, sa=sa, sb=sb)
@@ -179,7 +138,7 @@ async def _exercise(mesh: MeshServer, tmp_path: Path, *, pa: int, pb: int, sa: i
         assert "URI=spiffe://cluster.local/ns/vm-ns/sa/sa-b" in body["headers"]["x-forwarded-client-cert"]
         # B's inbound listener refuses plaintext.
         with pytest.raises((http.client.HTTPException, OSError)):
-            await asyncio.to_thread(_get, pb, "/plain", "127.0.0.3")
+            await asyncio.to_thread(get_json, pb, "/plain", ip="127.0.0.3", timeout=5)
 
         # Both flavours got every type and ACKed it; nothing was NACKed.
         conns = {c["node_id"].split("~")[1]: c for c in mesh.ads.snapshot()["connections"]}

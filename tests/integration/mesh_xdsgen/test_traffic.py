@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.helpers.apps import echo_app, get_json, serving
 from tests.integration.mesh_xdsgen.support import MeshCa, bootstrap, free_port, running_envoy, sds_server
 from vm_agent.mesh.model import MeshSnapshot, key, parse_documents
 from vm_agent.mesh.xdsgen import ProxyView, generate
@@ -45,45 +42,6 @@ spec: {{address: 127.0.0.3, labels: {{app: b}}, serviceAccount: sa-b, ports: {{h
 """
 
 
-def _app(name: str) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"app": name, "path": self.path, "headers": dict(self.headers.items())}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-
-
-@contextlib.contextmanager
-def _serving(server: ThreadingHTTPServer) -> Iterator[int]:
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(5)
-
-
-def _get(port: int, path: str, host: str | None = None, ip: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection(ip, port, timeout=10)
-    try:
-        conn.request("GET", path, headers={"Host": host} if host else {})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, (json.loads(raw) if resp.getheader("content-type") == "application/json" else {})
-    finally:
-        conn.close()
-
-
 def _proxy(ip: str, sa: str) -> ProxyView:
     return ProxyView(
         node_id=f"sidecar~{ip}~{sa}.vm-ns~vm-ns.svc.cluster.local",
@@ -113,13 +71,13 @@ def _sidecar(
 
 def test_http_over_mtls_between_two_vms(tmp_path: Path) -> None:
     ca = MeshCa()
-    with _serving(_app("a")) as pa, _serving(_app("b")) as pb:
+    with serving(echo_app("a")) as pa, serving(echo_app("b")) as pb:
         sa, sb = free_port(), free_port()
         objs = parse_documents(MESH.format(pa=pa, pb=pb, sa=sa, sb=sb), "mesh.yaml")
         snap = MeshSnapshot(1, {key(o): o for o in objs})
         with _sidecar(tmp_path, snap, ca, "127.0.0.2", "sa-a"), _sidecar(tmp_path, snap, ca, "127.0.0.3", "sa-b"):
             # A's app calls svc-b through A's loopback listener; B's app sees A's SPIFFE identity.
-            status, body = _get(sb, "/from-a")
+            status, body = get_json(sb, "/from-a")
             assert status == 200, body
             assert body["app"] == "b"
             assert body["path"] == "/from-a"
@@ -127,21 +85,21 @@ def test_http_over_mtls_between_two_vms(tmp_path: Path) -> None:
             assert f"URI=spiffe://{TD}/ns/vm-ns/sa/sa-a" in xfcc
             assert f"By=spiffe://{TD}/ns/vm-ns/sa/sa-b" in xfcc
             # Routed by Host too (short name within the namespace).
-            status, body = _get(sb, "/by-name", host="svc-b")
+            status, body = get_json(sb, "/by-name", host="svc-b")
             assert (status, body["app"]) == (200, "b")
             # And the other way round.
-            status, body = _get(sa, "/from-b")
+            status, body = get_json(sa, "/from-b")
             assert (status, body["app"]) == (200, "a")
             assert f"URI=spiffe://{TD}/ns/vm-ns/sa/sa-b" in body["headers"]["x-forwarded-client-cert"]
             # B's inbound listener refuses plaintext: only mesh peers with a certificate get in.
             with pytest.raises((http.client.HTTPException, OSError)):
-                _get(pb, "/plain", ip="127.0.0.3")
+                get_json(pb, "/plain", ip="127.0.0.3")
 
 
 def test_wrong_server_identity_is_refused(tmp_path: Path) -> None:
     """A's cluster for svc-b pins B's SPIFFE id: a B with a valid mesh certificate for another account fails."""
     ca = MeshCa()
-    with _serving(_app("a")) as pa, _serving(_app("b")) as pb:
+    with serving(echo_app("a")) as pa, serving(echo_app("b")) as pb:
         sa, sb = free_port(), free_port()
         objs = parse_documents(MESH.format(pa=pa, pb=pb, sa=sa, sb=sb), "mesh.yaml")
         snap = MeshSnapshot(1, {key(o): o for o in objs})
@@ -149,5 +107,5 @@ def test_wrong_server_identity_is_refused(tmp_path: Path) -> None:
             _sidecar(tmp_path, snap, ca, "127.0.0.2", "sa-a"),
             _sidecar(tmp_path, snap, ca, "127.0.0.3", "sa-b", identity=f"spiffe://{TD}/ns/vm-ns/sa/impostor"),
         ):
-            status, _ = _get(sb, "/from-a")
+            status, _ = get_json(sb, "/from-a")
             assert status == 503
