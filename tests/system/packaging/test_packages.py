@@ -146,3 +146,24 @@ def test_launcher_says_when_site_packages_is_missing(tmp_path: Path) -> None:
     assert (
         "holds no vm_agent package" in done.stderr and str(tmp_path / "usr/lib/vm-agent/site-packages") in done.stderr
     )
+
+
+def test_every_agent_module_imports_from_the_package(packages: Packages, tmp_path: Path) -> None:
+    """A dependency missing from pyproject (hence from the package) shows up as an ImportError here,
+    under the distribution's python3 and with nothing but the packaged site-packages."""
+    python = Path("/usr/bin/python3")
+    if not python.is_file():
+        pytest.skip("needs the distribution's /usr/bin/python3 (3.11) the package targets")
+    _run("dpkg-deb", "-x", str(packages.deb), str(tmp_path))
+    site = tmp_path / SITE.lstrip("/")
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r})\n"
+        "import importlib, pkgutil, vm_agent\n"
+        "names = [m.name for m in pkgutil.walk_packages(vm_agent.__path__, 'vm_agent.') if not m.name.endswith('__main__')]\n"
+        "for name in names:\n"
+        "    module = importlib.import_module(name)\n"
+        "    assert module.__file__.startswith(sys.path[0]), (name, module.__file__)\n"
+        "print(len(names))\n"
+    )
+    imported = int(_run(str(python), "-I", "-c", code).strip())
+    assert imported > 20, f"only {imported} vm_agent modules found in the package"
