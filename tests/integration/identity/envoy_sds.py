@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography import x509
 
-from tests.helpers.envoy import find_envoy_binary
+from tests.helpers.envoy import find_envoy_binary, uds_grpc_cluster
 from tests.helpers.net import free_port
 
 GREETING = "hello from envoy"
@@ -43,25 +43,7 @@ def bootstrap(sds_socket: Path, admin_port: int, listener_port: int) -> dict[str
         "node": {"id": "sidecar~127.0.0.1~vm.ns1~ns1.svc.cluster.local", "cluster": "vm.ns1"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
-            "clusters": [
-                {
-                    "name": "sds-grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "sds-grpc",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(sds_socket)}}}}]}
-                        ],
-                    },
-                }
-            ],
+            "clusters": [uds_grpc_cluster("sds-grpc", sds_socket)],
             "listeners": [
                 {
                     "name": "inbound-mtls",

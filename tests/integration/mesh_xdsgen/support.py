@@ -25,7 +25,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2, json_format
 
-from tests.helpers.envoy import find_envoy_binary
+from tests.helpers.envoy import find_envoy_binary, uds_grpc_cluster
 from tests.helpers.net import free_port
 from vm_agent.mesh.xdsgen import CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL
 
@@ -73,21 +73,7 @@ def bootstrap(
                         tc["route_config"] = routes[tc.pop("rds")["route_config_name"]]
     static_clusters = [
         *clusters.values(),
-        {
-            "name": "sds-grpc",
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "sds-grpc",
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(sds_socket)}}}}]}],
-            },
-        },
+        uds_grpc_cluster("sds-grpc", sds_socket),
     ]
     boot: dict[str, Any] = {
         "node": {"id": node_id, "cluster": "vm-app.vm-ns"},

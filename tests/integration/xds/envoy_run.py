@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.helpers.envoy import find_envoy_binary
+from tests.helpers.envoy import H2_PROTOCOL_OPTIONS, find_envoy_binary, uds_grpc_cluster
 from tests.helpers.net import free_port
 
 NODE_ID = "sidecar~127.0.0.1~vm.vm-ns~vm-ns.svc.cluster.local"
@@ -34,12 +34,7 @@ def _xds_cluster(socket_path: Path | None, direct: DirectXds | None) -> dict[str
         "name": "xds-grpc",
         "type": "STATIC",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
+        "typed_extension_protocol_options": H2_PROTOCOL_OPTIONS,
     }
     if direct is None:
         address: dict[str, Any] = {"pipe": {"path": str(socket_path)}}
@@ -69,21 +64,7 @@ def _xds_cluster(socket_path: Path | None, direct: DirectXds | None) -> dict[str
 
 
 def _uds_cluster(name: str, path: Path) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(path)}}}}]}],
-        },
-    }
+    return uds_grpc_cluster(name, path)
 
 
 def bootstrap(
