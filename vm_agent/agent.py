@@ -57,7 +57,7 @@ def identity_settings(config: Config) -> IdentitySettings:
         service_account=ident.service_account,
         state_dir=config.paths.state_dir,
         sds_socket=config.paths.sds_socket,
-        sds_socket_group=config.env.get("VM_AGENT_ENVOY_GROUP") or None,
+        sds_socket_group=config.agent.envoy_group,
         key_algorithm=ident.key_algorithm,
         rsa_key_size=ident.rsa_key_size,
         ec_curve=ident.ec_curve,
@@ -183,7 +183,7 @@ class Agent:
         # root keeps them in place and removes them on stop.
         self.capture = (
             CaptureService(capture_settings(config))
-            if config.capture.enabled and os.geteuid() == 0 and config.env.get("VM_AGENT_MANAGE_CAPTURE") == "true"
+            if config.capture.enabled and config.agent.manage_capture and os.geteuid() == 0
             else None
         )
         hs = health_settings(config)

@@ -849,6 +849,15 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
                 log_level = globals_[-1]
             if comps:
                 component = ",".join(c for c in comps if c.count(":") == 1)
+    envoy_group = env.get("VM_AGENT_ENVOY_GROUP") or None
+    if envoy_group is not None:
+        import grp
+
+        try:
+            grp.getgrnam(envoy_group)
+        except KeyError:
+            env_problem("VM_AGENT_ENVOY_GROUP", f"expected an existing group for Envoy, got {envoy_group!r}")
+            envoy_group = None
     agent = AgentConfig(
         status_host=env.get("VM_AGENT_STATUS_HOST") or "127.0.0.1",
         envoy_binary=envoy_binary,
@@ -861,6 +870,8 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         proxy_log_level=log_level,
         proxy_component_log_level=component,
         metrics_localhost_only=proxy.proxy_metadata.get("METRICS_LOCALHOST_ACCESS_ONLY", "").lower() == "true",
+        envoy_group=envoy_group,
+        manage_capture=env_bool("VM_AGENT_MANAGE_CAPTURE", False),
     )
 
     config = Config(

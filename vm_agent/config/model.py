@@ -142,6 +142,8 @@ class AgentConfig:
     proxy_log_level: str
     proxy_component_log_level: str | None
     metrics_localhost_only: bool
+    envoy_group: str | None = None  # group Envoy runs as: the SDS socket is handed to it (0660)
+    manage_capture: bool = False  # an agent running as root applies and removes the capture rules itself
 
 
 @dataclass(frozen=True)

@@ -124,3 +124,13 @@ def test_empty_trust_domain_uses_mesh_default(fixture_copy: FixtureFactory) -> N
         fixture_copy.__class__(fixture_copy.tmp_path / "x")(), fixture_copy.resolv_conf, TRUST_DOMAIN="td.example"
     )
     assert c2.identity.spiffe_id == "spiffe://td.example/ns/bar/sa/vm-serviceaccount"
+
+
+def test_unknown_envoy_group_is_a_problem(fixture_copy: FixtureFactory) -> None:
+    c = _load(fixture_copy(), fixture_copy.resolv_conf, VM_AGENT_ENVOY_GROUP="no-such-group-xyz")
+    assert any(p.key == "VM_AGENT_ENVOY_GROUP" and "existing group" in p.message for p in c.problems)
+    assert c.agent.envoy_group is None
+    ok = _load(
+        fixture_copy.__class__(fixture_copy.tmp_path / "g")(), fixture_copy.resolv_conf, VM_AGENT_ENVOY_GROUP="root"
+    )
+    assert ok.agent.envoy_group == "root"
