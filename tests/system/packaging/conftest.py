@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[3]
 BUILD = REPO / "packaging" / "build.sh"
 # Packages the deb needs that a minbase root lacks (util-linux and passwd are already in it).
 ROOT_EXTRAS = ("python3", "iptables", "iproute2")
+# A root that boots under systemd-nspawn, for the tests that need a real systemd as PID 1.
+SYSTEMD_EXTRAS = (*ROOT_EXTRAS, "systemd", "systemd-sysv", "dbus")
 CACHE = Path(os.environ.get("VM_AGENT_PACKAGING_CACHE", Path.home() / ".cache" / "vm-agent-packaging"))
-ROOT_TARBALL = CACHE / f"bookworm-minbase-{'-'.join(ROOT_EXTRAS)}.tar.zst"
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,11 @@ def _apt_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def _cached_root_tarball() -> Path:
-    """A bookworm minbase root with the deb's dependencies, made once and kept as a tarball."""
-    if ROOT_TARBALL.is_file():
-        return ROOT_TARBALL
+def _cached_root_tarball(extras: tuple[str, ...]) -> Path:
+    """A bookworm minbase root with ``extras`` installed, made once and kept as a tarball."""
+    tarball = CACHE / f"bookworm-minbase-{'-'.join(extras)}.tar.zst"
+    if tarball.is_file():
+        return tarball
     CACHE.mkdir(parents=True, exist_ok=True)
     staging = CACHE / f"root.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -93,7 +95,7 @@ def _cached_root_tarball() -> Path:
             [
                 "debootstrap",
                 "--variant=minbase",
-                f"--include={','.join(ROOT_EXTRAS)}",
+                f"--include={','.join(extras)}",
                 "bookworm",
                 str(staging),
                 _apt_mirror(),
@@ -105,23 +107,36 @@ def _cached_root_tarball() -> Path:
         )
         if made.returncode != 0:
             pytest.skip(f"debootstrap failed (no Debian mirror reachable?): {made.stderr.strip()[-300:]}")
-        partial = ROOT_TARBALL.with_suffix(f".{os.getpid()}.part")
+        partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.part")
         subprocess.run(["tar", "--zstd", "-C", str(staging), "-cf", str(partial), "."], check=True, timeout=600)
-        partial.rename(ROOT_TARBALL)
+        partial.rename(tarball)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ROOT_TARBALL
+    return tarball
 
 
 @pytest.fixture
 def debian_root(tmp_path: Path) -> Iterator[Path]:
     """A fresh copy of the cached Debian root, deleted after the test."""
+    yield from _fresh_root(tmp_path, ROOT_EXTRAS)
+
+
+@pytest.fixture
+def systemd_root(tmp_path: Path) -> Iterator[Path]:
+    """A fresh Debian root with systemd and dbus, bootable with systemd-nspawn."""
+    reason = _missing("systemd-nspawn", "nsenter")
+    if reason:
+        pytest.skip(reason.replace("apt-get install systemd-nspawn", "apt-get install systemd-container"))
+    yield from _fresh_root(tmp_path, SYSTEMD_EXTRAS)
+
+
+def _fresh_root(tmp_path: Path, extras: tuple[str, ...]) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root to chroot into a Debian root")
     reason = _missing("debootstrap", "zstd", "chroot", "unshare")
     if reason:
         pytest.skip(reason)
-    tarball = _cached_root_tarball()
+    tarball = _cached_root_tarball(extras)
     root = tmp_path / "root"
     root.mkdir()
     subprocess.run(["tar", "--zstd", "-C", str(root), "-xf", str(tarball)], check=True, timeout=300)
