@@ -124,6 +124,8 @@ def booted(systemd_root: Path, packages: Packages) -> Iterator[Booted]:
 def test_upgrade_restarts_a_running_agent_and_removal_stops_it(booted: Booted) -> None:
     assert booted.run("systemctl", "is-enabled", "vm-agent.service", expect=None).stdout.strip() == "disabled"
     assert booted.show("ActiveState") == "inactive", "installing must not start the agent"
+    # /run is a fresh tmpfs after boot: the packaged tmpfiles.d entry recreated the secrets folder.
+    assert booted.run("stat", "-c", "%U:%G", "/run/secrets").stdout.strip() == "istio-proxy:istio-proxy"
 
     booted.run("systemctl", "start", "vm-agent.service")
     first = int(booted.show("MainPID"))
