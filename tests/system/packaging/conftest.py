@@ -71,14 +71,26 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
 
 
 def _apt_mirror() -> str:
-    """The Debian mirror this machine's apt uses (the only network reachable here)."""
-    texts = [p.read_text() for p in Path("/etc/apt").glob("sources.list*") if p.is_file()]
-    texts += [p.read_text() for p in Path("/etc/apt/sources.list.d").glob("*") if p.is_file()]
-    for text in texts:
-        for match in re.finditer(r"(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.MULTILINE):
-            uri = match.group(1).rstrip("/")
-            if not uri.endswith("-security"):
-                return uri
+    """The bookworm mirror this machine's apt uses (the only network reachable here).
+
+    Only active source files count (``*.list``, ``*.sources``), and only an entry for the bookworm
+    suite: other repositories (vendor ones, -security) cannot bootstrap a root.
+    """
+    apt = Path("/etc/apt")
+    files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
+    files += sorted((apt / "sources.list.d").glob("*.sources"))
+    for file in files:
+        if not file.is_file():
+            continue
+        text = file.read_text()
+        if file.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields: dict[str, str] = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.MULTILINE))
+                if "bookworm" in fields.get("Suites", "").split() and fields.get("URIs"):
+                    return fields["URIs"].split()[0]
+        else:
+            for match in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.MULTILINE):
+                return match.group(1)
     return "http://deb.debian.org/debian"
 
 
@@ -90,6 +102,7 @@ def _cached_root_tarball(extras: tuple[str, ...]) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     staging = CACHE / f"root.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    mirror = _apt_mirror()
     try:
         made = subprocess.run(
             [
@@ -98,7 +111,7 @@ def _cached_root_tarball(extras: tuple[str, ...]) -> Path:
                 f"--include={','.join(extras)}",
                 "bookworm",
                 str(staging),
-                _apt_mirror(),
+                mirror,
             ],
             capture_output=True,
             text=True,
@@ -106,7 +119,8 @@ def _cached_root_tarball(extras: tuple[str, ...]) -> Path:
             check=False,
         )
         if made.returncode != 0:
-            pytest.skip(f"debootstrap failed (no Debian mirror reachable?): {made.stderr.strip()[-300:]}")
+            output = (made.stdout + made.stderr).strip()[-400:]
+            pytest.skip(f"debootstrap from {mirror} failed (no Debian mirror reachable?): {output}")
         partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.part")
         subprocess.run(["tar", "--zstd", "-C", str(staging), "-cf", str(partial), "."], check=True, timeout=600)
         partial.rename(tarball)
