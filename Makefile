@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps proto proto-check test lint demo bench interop clean
+.PHONY: setup system-deps proto proto-check test lint demo bench interop packages clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard vm_agent/proto/*.proto)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(STAMP) system-deps
 # Go module proxy, then runs the suite against them on loopback.
 interop: $(STAMP) system-deps
 	bash tests/interop/run.sh
+
+# deb and rpm (nfpm) into dist/; see docs/packaging.md.
+packages: $(STAMP)
+	bash packaging/build.sh dist
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -666,7 +666,11 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
     scan_env = env.get("VM_AGENT_SCAN_INTERFACES")
     scan = opts.scan_interfaces if scan_env is None else env_bool("VM_AGENT_SCAN_INTERFACES", True)
     if scan:
-        scanned = _scan_interface_ips()
+        try:
+            scanned = _scan_interface_ips()
+        except (OSError, RuntimeError) as err:  # psutil needs /proc (absent in some chroots)
+            env_problem("VM_AGENT_SCAN_INTERFACES", f"cannot list network interfaces ({err}); set ISTIO_SVC_IP")
+            scanned = []
         if not scanned and not ips:
             scanned = ["127.0.0.1", "::1"]
         ips.extend(ip for ip in scanned if ip not in ips)

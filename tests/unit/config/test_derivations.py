@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.unit.config.conftest import FixtureFactory
 from vm_agent.config import Options, load
 from vm_agent.config.formats import parse_duration, parse_resolv_conf
@@ -134,3 +136,17 @@ def test_unknown_envoy_group_is_a_problem(fixture_copy: FixtureFactory) -> None:
         fixture_copy.__class__(fixture_copy.tmp_path / "g")(), fixture_copy.resolv_conf, VM_AGENT_ENVOY_GROUP="root"
     )
     assert ok.agent.envoy_group == "root"
+
+
+def test_interface_scan_failure_is_a_problem_not_a_crash(
+    fixture_copy: FixtureFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vm_agent.config import loader
+
+    def no_proc() -> list[str]:
+        raise OSError("[Errno 2] No such file or directory: '/proc/net/dev'")
+
+    monkeypatch.setattr(loader, "_scan_interface_ips", no_proc)
+    c = load(Options(config_dir=fixture_copy(), resolv_conf=fixture_copy.resolv_conf, environ={}, hostname="vm1"))
+    assert any(p.key == "VM_AGENT_SCAN_INTERFACES" and "/proc/net/dev" in p.message for p in c.problems)
+    assert c.node.instance_ips == ("10.10.10.10",)  # ISTIO_SVC_IP from cluster.env still leads
