@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vm_agent.files import atomic_write
+
 BOOTSTRAP_FILE = "envoy-rev.json"
 
 # Istio's envoy_bootstrap.json defaults; ProxyConfig runtimeValues are layered over these.
@@ -417,11 +419,7 @@ def write_bootstrap(settings: EnvoySettings) -> Path:
     settings.config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(settings.config_dir, 0o700)
     path = settings.bootstrap_path
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(render_bootstrap(settings), out, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(render_bootstrap(settings), indent=1).encode(), 0o600)
     return path
 
 

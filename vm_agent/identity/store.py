@@ -6,46 +6,15 @@ certificate) and istio's optional OUTPUT_CERTS folder.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
+
+from vm_agent.files import atomic_write
+
+__all__ = ["atomic_write"]  # re-exported: the SVID store was its first user
 
 KEY_FILE = "key.pem"
 CHAIN_FILE = "cert-chain.pem"
 ROOT_FILE = "root-cert.pem"
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> bool:
-    """Replace ``path`` with ``data`` (temp file + fsync + rename); ``False`` when the content was already equal.
-
-    The temp file is created with ``mode`` from the start so a key never exists world-readable, not even briefly.
-    """
-    try:
-        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return True
 
 
 def write_svid_files(

@@ -378,7 +378,7 @@ class _Ctx:
                 self.err(f"{path}.{k}" if path else str(k), f"unknown field, expected one of {', '.join(allowed)}")
 
 
-def _is_ip(s: str) -> bool:
+def is_ip(s: str) -> bool:
     try:
         ipaddress.ip_address(s)
     except ValueError:
@@ -537,7 +537,7 @@ def _parse_service(ctx: _Ctx, meta: ObjectMeta, spec: Mapping[str, Any]) -> Serv
     selector = ctx.string_map(spec, "selector", "spec.selector")
     cluster_ip_raw = ctx.get_str(spec, "clusterIP", "spec.clusterIP")
     cluster_ip: str | None = cluster_ip_raw or None
-    if cluster_ip is not None and cluster_ip != "None" and not _is_ip(cluster_ip):
+    if cluster_ip is not None and cluster_ip != "None" and not is_ip(cluster_ip):
         ctx.err("spec.clusterIP", f'expected an IP address or "None" (headless), got {cluster_ip!r}')
     raw_ports = ctx.get_list(spec, "ports", "spec.ports")
     if not raw_ports and cluster_ip != "None":
@@ -615,7 +615,7 @@ def _parse_service_entry(ctx: _Ctx, meta: ObjectMeta, spec: Mapping[str, Any]) -
         hosts.append(h)
     addresses: list[str] = []
     for i, a in enumerate(ctx.get_list(spec, "addresses", "spec.addresses")):
-        if not isinstance(a, str) or not (_is_ip(a) or _is_cidr(a)):
+        if not isinstance(a, str) or not (is_ip(a) or _is_cidr(a)):
             ctx.err(f"spec.addresses[{i}]", f"expected an IP address or CIDR, got {_tname(a)}")
             continue
         addresses.append(a)
@@ -733,9 +733,9 @@ def _parse_wle_spec(
             )
     elif not address and se_resolution is None:
         ctx.err(f"{path}.address", "required field is missing, expected an IP address, a host name or unix:// path")
-    elif address and not (_is_ip(address) or address.startswith("unix://") or _is_fqdn(address)):
+    elif address and not (is_ip(address) or address.startswith("unix://") or _is_fqdn(address)):
         ctx.err(f"{path}.address", f"expected an IP address, a host name or unix:// path, got {address!r}")
-    elif address and se_resolution == "STATIC" and not (_is_ip(address) or address.startswith("unix://")):
+    elif address and se_resolution == "STATIC" and not (is_ip(address) or address.startswith("unix://")):
         ctx.err(f"{path}.address", f"resolution STATIC needs an IP address, got {address!r}")
     ports: dict[str, int] = {}
     for pname, pnum in ctx.get_map(spec, "ports", f"{path}.ports").items():

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from vm_agent.mesh.model import is_ip
+
 NODE_TYPES = ("sidecar", "router", "waypoint", "ztunnel")
 
 
 class NodeError(ValueError):
     """The node id or metadata cannot be used (InvalidArgument at the gRPC layer)."""
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _truthy(value: Any) -> bool:
@@ -101,10 +94,10 @@ def parse_node(node: Any) -> NodeInfo:
     raw_ips = metadata.get("INSTANCE_IPS")
     if isinstance(raw_ips, str) and raw_ips:
         candidates = [p for p in raw_ips.split(",") if p]
-        if all(_is_ip(p) for p in candidates):
+        if all(is_ip(p) for p in candidates):
             ips = candidates
     if not ips:
-        if not _is_ip(parts[1]):
+        if not is_ip(parts[1]):
             raise NodeError(f"node.id {node_id!r}: {parts[1]!r} is not an IP address and INSTANCE_IPS gives none")
         ips = [parts[1]]
     namespace = metadata.get("NAMESPACE") if isinstance(metadata.get("NAMESPACE"), str) else ""

@@ -22,6 +22,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from prometheus_client import Counter
 
+from vm_agent.files import atomic_write
 from vm_agent.logs import get_logger
 from vm_agent.mesh import xdsgen
 from vm_agent.mesh.admin import serve_admin
@@ -229,12 +230,8 @@ class MeshServer:
         log.info("restored %d object(s) from %s", len(entries), path)
 
     def _persist(self) -> None:
-        path = self.settings.state_dir / OBJECTS_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.store.export(), f, separators=(",", ":"))
-        tmp.replace(path)
+        data = json.dumps(self.store.export(), separators=(",", ":")).encode()
+        atomic_write(self.settings.state_dir / OBJECTS_FILE, data, 0o600)
 
     async def _persist_loop(self) -> None:
         try:
@@ -433,10 +430,7 @@ class MeshServer:
             "trust_domain": self.settings.trust_domain,
             "pid": os.getpid(),
         }
-        path = self.settings.state_dir / RUNTIME_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(self.settings.state_dir / RUNTIME_FILE, (json.dumps(info, indent=2) + "\n").encode(), 0o644)
 
     def _background(self) -> Iterator[Any]:
         yield self._persist_loop()

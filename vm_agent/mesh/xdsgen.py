@@ -45,6 +45,7 @@ from vm_agent.mesh.model import (
     WorkloadEntrySpec,
     WorkloadGroup,
     exported_to,
+    is_ip,
 )
 
 __all__ = [
@@ -224,14 +225,6 @@ def allocate_vips(snapshot: MeshSnapshot, previous: Mapping[str, str]) -> dict[s
     return out
 
 
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    return True
-
-
 def mesh_services(
     snapshot: MeshSnapshot,
     *,
@@ -273,7 +266,7 @@ def mesh_services(
         se_ports = tuple(MeshPort(p.number, p.name, p.protocol, p.target_port) for p in se.ports)
         resolution = {"STATIC": "EDS", "NONE": "PASSTHROUGH"}.get(se.resolution, se.resolution)
         for host in se.hosts:
-            addrs = tuple(a for a in se.addresses if _is_ip(a))
+            addrs = tuple(a for a in se.addresses if is_ip(a))
             if not se.addresses and host in vips:
                 addrs = (vips[host],)
             out.append(
@@ -592,7 +585,7 @@ def _base_clusters(out: _Out) -> None:
 def _cla(name: str, eps: list[Endpoint]) -> dict[str, Any]:
     by_locality: dict[str, list[dict[str, Any]]] = {}
     for ep in eps:
-        if not (ep.address.startswith("unix://") or _is_ip(ep.address)):
+        if not (ep.address.startswith("unix://") or is_ip(ep.address)):
             continue  # EDS cannot carry host names
         lb: dict[str, Any] = {
             "endpoint": {"address": _sock(ep.address, ep.port)},
