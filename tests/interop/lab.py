@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -43,6 +43,17 @@ GRACE_PERIOD_S = 8
 STOCK_ENVOY_ISTIOD_ENV = {"PILOT_ENABLE_METADATA_EXCHANGE": "false", "PILOT_ENABLE_ALPN_FILTER": "false"}
 ISTIOD_TLS_PORT = 15012
 HERE = Path(__file__).resolve().parent
+
+
+T = TypeVar("T")
+
+
+class Namespace(Protocol):
+    """Where the control plane runs when not on the host's loopback (the network lab's "cluster" namespace)."""
+
+    def exec_prefix(self) -> list[str]: ...
+
+    def call(self, fn: Any, *args: Any, timeout: float = 120) -> Any: ...
 
 
 class LabError(RuntimeError):
@@ -122,12 +133,23 @@ def _die_with_us(argv: list[str]) -> list[str]:
 
 
 def _spawn(
-    name: str, argv: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+    name: str,
+    argv: list[str],
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    prefix: list[str] | None = None,
 ) -> Proc:
     fh = log.open("wb")
     try:
         popen = subprocess.Popen(
-            _die_with_us(argv), stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+            _die_with_us([*(prefix or []), *argv]),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
         )
     finally:
         fh.close()
@@ -159,6 +181,9 @@ class ControlPlane:
 
     bins: Binaries
     work: Path
+    netns: Namespace | None = None
+    """None: every port on the host's 127.0.0.1. Else everything runs in that namespace and istiod's TLS port
+    listens on all of its addresses (the VMs of the network lab dial it there)."""
     procs: list[Proc] = field(default_factory=list)
     istiod: Proc | None = None
     istiod_env: dict[str, str] = field(default_factory=dict)
@@ -187,17 +212,15 @@ class ControlPlane:
         self.istiod_ctrlz_port = free_port()
 
     # ----- lifecycle -----
+    def _prefix(self) -> list[str]:
+        return self.netns.exec_prefix() if self.netns is not None else []
+
+    def http_ok(self, url: str) -> bool:
+        return bool(self.netns.call(_http_ok, url)) if self.netns is not None else _http_ok(url)
+
     def start(self) -> None:
-        with socket.socket() as probe:
-            # Like Go's listeners: TIME_WAIT leftovers of a previous run must not count as "taken".
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", ISTIOD_TLS_PORT))
-            except OSError as exc:
-                raise LabError(
-                    f"127.0.0.1:{ISTIOD_TLS_PORT} is taken ({exc.strerror}); istiod needs it because istioctl's "
-                    "files leave CA_ADDR at its istio-start.sh default istiod.istio-system.svc:15012. Another interop run?"
-                ) from exc
+        if self.netns is None:
+            self._check_tls_port_free()
         t0 = time.monotonic()
         self._start_etcd()
         self.startup_s["etcd"] = time.monotonic() - t0
@@ -210,6 +233,18 @@ class ControlPlane:
         t3 = time.monotonic()
         self.start_istiod()
         self.startup_s["istiod"] = time.monotonic() - t3
+
+    def _check_tls_port_free(self) -> None:
+        with socket.socket() as probe:
+            # Like Go's listeners: TIME_WAIT leftovers of a previous run must not count as "taken".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", ISTIOD_TLS_PORT))
+            except OSError as exc:
+                raise LabError(
+                    f"127.0.0.1:{ISTIOD_TLS_PORT} is taken ({exc.strerror}); istiod needs it because istioctl's "
+                    "files leave CA_ADDR at its istio-start.sh default istiod.istio-system.svc:15012. Another interop run?"
+                ) from exc
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -234,9 +269,10 @@ class ControlPlane:
                 "--log-level=warn",
             ],
             self.work / "etcd.log",
+            prefix=self._prefix(),
         )
         self.procs.append(proc)
-        _wait(proc, lambda: _http_ok(f"{self.etcd_url}/health"), 30, "etcd /health")
+        _wait(proc, lambda: self.http_ok(f"{self.etcd_url}/health"), 30, "etcd /health")
 
     def _start_apiserver(self) -> None:
         pki = self.work / "pki"
@@ -289,6 +325,7 @@ class ControlPlane:
                 "--v=1",
             ],
             self.work / "apiserver.log",
+            prefix=self._prefix(),
         )
         self.procs.append(proc)
         _wait(
@@ -361,7 +398,7 @@ class ControlPlane:
                 f"--networksConfig={cwd / 'no-such-networks'}",
                 f"--httpAddr=127.0.0.1:{self.istiod_http_port}",
                 f"--grpcAddr=127.0.0.1:{self.istiod_plain_port}",
-                f"--secureGRPCAddr=127.0.0.1:{self.istiod_secure_port}",
+                f"--secureGRPCAddr={'' if self.netns is not None else '127.0.0.1'}:{self.istiod_secure_port}",
                 f"--monitoringAddr=127.0.0.1:{self.istiod_monitoring_port}",
                 f"--httpsAddr=127.0.0.1:{self.istiod_https_port}",
                 "--ctrlz_address=127.0.0.1",
@@ -372,16 +409,17 @@ class ControlPlane:
             self.work / f"istiod{'' if n == 0 else n}.log",
             cwd=cwd,
             env=env,
+            prefix=self._prefix(),
         )
         self.procs.append(proc)
         self.istiod = proc
-        _wait(proc, lambda: _http_ok(f"http://127.0.0.1:{self.istiod_http_port}/ready"), 120, "istiod /ready")
+        _wait(proc, lambda: self.http_ok(f"http://127.0.0.1:{self.istiod_http_port}/ready"), 120, "istiod /ready")
 
     # ----- kube access -----
     def kubectl(
         self, *args: str, input_text: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        argv = ["kubectl", f"--kubeconfig={self.kubeconfig}", *args]
+        argv = [*self._prefix(), "kubectl", f"--kubeconfig={self.kubeconfig}", *args]
         res = subprocess.run(argv, input=input_text, capture_output=True, text=True, timeout=timeout, check=False)
         if check and res.returncode != 0:
             raise LabError(f"`{' '.join(argv)}` failed ({res.returncode}): {res.stderr.strip()}")
@@ -411,8 +449,12 @@ class ControlPlane:
     # ----- istiod introspection -----
     def istiod_debug(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.istiod_monitoring_port}/debug/{path}"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read())
+
+        def fetch() -> Any:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return json.loads(resp.read())
+
+        return self.netns.call(fetch) if self.netns is not None else fetch()
 
     def istiod_log(self) -> str:
         assert self.istiod is not None

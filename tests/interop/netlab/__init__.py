@@ -1,0 +1,1 @@
+"""The network lab: the real control plane and real VMs (vm-agent + Envoy + an app), each in a network namespace."""

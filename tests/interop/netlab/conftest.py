@@ -1,0 +1,48 @@
+"""One network lab per session (tests/interop/run.sh runs this folder in its own pytest invocation)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.interop.lab import Binaries, LabError, cache_dir
+from tests.interop.netlab import netns
+from tests.interop.netlab.world import NetLab, missing_tools
+
+_LAB: list[NetLab] = []
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[NetLab]:
+    reason = netns.unavailable() or missing_tools()
+    if reason:
+        pytest.skip(reason)
+    try:
+        bins = Binaries.find()
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    stale = netns.remove_stale()
+    if stale:
+        print(f"removed {len(stale)} namespaces left by an earlier run: {', '.join(stale)}")
+    world = NetLab(bins)
+    _LAB.append(world)
+    try:
+        world.start()
+    except BaseException:
+        world.destroy()
+        raise
+    try:
+        yield world
+    finally:
+        world.destroy()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Read back from the file the lab saved: this hook may see another import of this module than the fixture.
+    figures = cache_dir() / "last-run-logs" / "netlab-figures.json"
+    if _LAB and figures.is_file():
+        terminalreporter.section("network lab figures (docs/interop.md)")
+        for key, value in sorted(json.loads(figures.read_text()).items()):
+            terminalreporter.write_line(f"{key}: {json.dumps(value)}")
