@@ -13,6 +13,8 @@ for cmd in "${!want[@]}"; do
     missing+=("${want[$cmd]}")
   fi
 done
+# The interop network lab runs vm-agent as the proxy user with Debian's interpreter (the venv's may sit under /root).
+[ -x /usr/bin/python3.11 ] || missing+=(python3.11)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
