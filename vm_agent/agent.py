@@ -104,6 +104,7 @@ def envoy_settings(config: Config, *, log_as_json: bool = False) -> EnvoySetting
         delta_xds=config.agent.delta_xds,
         drain_duration_s=proxy.drain_duration_s,
         termination_drain_duration_s=proxy.termination_drain_duration_s,
+        drain_inbound_only=config.agent.role == "sidecar",
         concurrency=proxy.concurrency,
         log_level=config.agent.proxy_log_level,
         component_log_level=config.agent.proxy_component_log_level,
@@ -239,6 +240,7 @@ class Agent:
     def _agent_snapshot(self) -> dict[str, Any]:
         return {
             "node_id": self.config.node.id,
+            "role": self.config.agent.role,
             "spiffe_id": self.config.identity.spiffe_id,
             "discovery": self.config.discovery.address,
             "stopping": self._stopping,
@@ -290,7 +292,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         log.info(
-            "starting: %s as %s, istiod %s",
+            "starting %s: %s as %s, istiod %s",
+            self.config.agent.role,
             self.config.node.id,
             self.config.identity.spiffe_id,
             self.config.discovery.address,

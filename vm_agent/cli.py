@@ -27,6 +27,11 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="folder holding istioctl's five files (cluster.env, mesh.yaml, hosts, root-cert.pem, istio-token)",
     )
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        help="run an Istio gateway (node type router: no capture, DNS proxy or probe); same as VM_AGENT_ROLE=gateway",
+    )
     p.add_argument("--state-dir", type=Path, help="where the agent keeps its key and certificates")
     p.add_argument("--resolv-conf", type=Path, help="the resolv.conf whose nameservers DNS forwards to")
     p.add_argument(
@@ -45,6 +50,8 @@ def _options(ns: argparse.Namespace) -> Options:
         if not sep or not key:
             raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
         extra[key] = value
+    if getattr(ns, "gateway", False):
+        extra["VM_AGENT_ROLE"] = "gateway"
     root: Path = ns.root if getattr(ns, "config_dir", None) is None else Path("/")
     return Options(
         root=root,
@@ -60,6 +67,7 @@ def _print_summary(config: Config) -> None:
     rows = [
         ("node id", doc["node_id"]),
         ("identity", doc["spiffe_id"]),
+        ("role", doc["role"]),
         ("cluster id", doc["cluster_id"] or "(empty: istiod's own cluster)"),
         ("discovery", f"{doc['discovery_address']} via {doc['discovery_dial_target']}"),
         ("CA", f"{doc['ca_address']} via {doc['ca_dial_target']}"),
@@ -120,7 +128,21 @@ def cmd_netfilter(ns: argparse.Namespace) -> int:
         for p in blocking:
             print(p, file=sys.stderr)
         return EXIT_PROBLEMS
-    return int(run_command(ns.action, capture_settings(config), backend=ns.backend, dry_run=ns.dry_run))
+    action = ns.action
+    if action == "apply" and not config.capture.enabled:
+        # The unit's ExecStartPre runs this for every role: with capture off there is nothing to apply, and rules
+        # left by an earlier sidecar configuration must not keep redirecting this host's traffic.
+        print(f"# capture is off ({_capture_off_reason(config)}): removing any vm-agent rules instead")
+        action = "cleanup"
+    return int(run_command(action, capture_settings(config), backend=ns.backend, dry_run=ns.dry_run))
+
+
+def _capture_off_reason(config: Config) -> str:
+    if config.agent.role != "sidecar":
+        return f"role {config.agent.role}"
+    if config.proxy.interception_mode == "NONE":
+        return "interceptionMode NONE"
+    return "ISTIO_CUSTOM_IP_TABLES=true"
 
 
 def cmd_mesh(ns: argparse.Namespace) -> int:

@@ -19,12 +19,11 @@ from typing import Any
 
 import yaml
 
-from vm_agent import ISTIO_COMPAT_VERSION
 from vm_agent.config import shellenv
+from vm_agent.config.envreader import EnvReader
 from vm_agent.config.formats import (
     check_pem_certificates,
     is_ip,
-    parse_bool,
     parse_duration,
     parse_hosts,
     parse_resolv_conf,
@@ -35,13 +34,14 @@ from vm_agent.config.model import (
     Config,
     DnsConfig,
     IdentityConfig,
-    Node,
     Paths,
     ProxyConfig,
     Upstream,
 )
+from vm_agent.config.node import build_node
 from vm_agent.config.probe import ReadinessProbe, parse_probe
 from vm_agent.config.problems import ConfigError, Problem
+from vm_agent.config.role import check_gateway, read_role
 
 DEFAULT_ISTIOD_HOST = "istiod.istio-system.svc"
 
@@ -394,56 +394,9 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
             file_env[a.key] = a.value
             env_lines[a.key] = (path, a.line)
     env: dict[str, str] = {**file_env, **environ, **opts.extra_env}
-
-    def env_where(key: str) -> tuple[str, int | None]:
-        if key in opts.extra_env:
-            return "--set", None
-        if key in environ:
-            return "environment", None
-        if key in env_lines:
-            p, line = env_lines[key]
-            return str(p), line
-        return "environment", None
-
-    def env_problem(key: str, message: str) -> None:
-        where, line = env_where(key)
-        errs.add(where, key, message, line)
-
-    def env_bool(key: str, default: bool) -> bool:
-        value = env.get(key)
-        if value is None or value == "":
-            return default
-        try:
-            return parse_bool(value)
-        except ValueError as err:
-            env_problem(key, str(err))
-            return default
-
-    def env_duration(key: str, default: str) -> float:
-        value = env.get(key) or default
-        try:
-            return parse_duration(value)
-        except ValueError as err:
-            env_problem(key, str(err))
-            return parse_duration(default)
-
-    def env_ports(key: str) -> tuple[int, ...]:
-        value = env.get(key, "").strip()
-        if not value or value == "*":
-            return ()
-        out: list[int] = []
-        for part in value.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if not part.isdigit() or not 1 <= int(part) <= 65535:
-                env_problem(key, f"expected a comma-separated list of ports 1-65535, got {part!r}")
-                continue
-            out.append(int(part))
-        return tuple(out)
-
-    def env_list(key: str) -> tuple[str, ...]:
-        return tuple(p.strip() for p in env.get(key, "").split(",") if p.strip())
+    envr = EnvReader(env, environ=environ, extra=opts.extra_env, lines=env_lines, report=errs.add)
+    env_problem, env_bool, env_duration = envr.problem, envr.bool, envr.duration
+    role = read_role(envr)
 
     # 2. istio-start.sh derivations (§13.3).
     namespace = env.get("ISTIO_NAMESPACE") or "default"
@@ -510,6 +463,8 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
             errs.add(mesh_path, mesh_key, message, _line_of(mesh_lines, mesh_key))
 
     proxy = _proxy_config(raw_pc, pc_report, pc_report)
+    if role == "gateway":
+        check_gateway(envr, proxy, interception_set="interceptionMode" in origin, report_proxy_config=pc_report)
 
     # 4. Identity.
     service_account = env.get("SERVICE_ACCOUNT", "")
@@ -534,20 +489,6 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         env_problem("ECC_CURVE", f"expected P256 or P384, got {curve!r}")
         curve = "P256"
 
-    def env_float(key: str, default: float, lo: float, hi: float) -> float:
-        text = env.get(key)
-        if not text:
-            return default
-        try:
-            value = float(text)
-        except ValueError:
-            env_problem(key, f"expected a number {lo}-{hi}, got {text!r}")
-            return default
-        if not lo <= value <= hi:
-            env_problem(key, f"expected a number {lo}-{hi}, got {text!r}")
-            return default
-        return value
-
     identity = IdentityConfig(
         trust_domain=trust_domain,
         namespace=namespace,
@@ -558,8 +499,8 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         ec_curve=curve,
         pkcs8=env_bool("PKCS8_KEY", False),
         secret_ttl_s=int(env_duration("SECRET_TTL", "24h")),
-        grace_ratio=env_float("SECRET_GRACE_PERIOD_RATIO", 0.5, 0.0, 1.0),
-        grace_jitter=env_float("SECRET_GRACE_PERIOD_RATIO_JITTER", 0.01, 0.0, 1.0),
+        grace_ratio=envr.number("SECRET_GRACE_PERIOD_RATIO", 0.5, 0.0, 1.0),
+        grace_jitter=envr.number("SECRET_GRACE_PERIOD_RATIO_JITTER", 0.01, 0.0, 1.0),
         cert_signer=env.get("ISTIO_META_CERT_SIGNER", ""),
     )
 
@@ -679,99 +620,27 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
     instance_ips = tuple(ips)
 
     # 10. Node id, cluster, metadata (§6).
-    dns_domain = env.get("VM_AGENT_DNS_DOMAIN") or f"{namespace}.svc.cluster.local"
-    node_id = f"sidecar~{instance_ips[0]}~{pod_name}.{namespace}~{dns_domain}"
-    labels: dict[str, Any] = {}
-    metadata: dict[str, Any] = {}
-    for k, v in proxy.proxy_metadata.items():
-        if k.startswith("ISTIO_META_"):
-            metadata[k[len("ISTIO_META_") :]] = v
-    for k, v in sorted(env.items()):
-        if k.startswith("ISTIO_META_"):
-            metadata[k[len("ISTIO_META_") :]] = v
-    for k, v in sorted(env.items()):
-        if k.startswith("ISTIO_METAJSON_"):
-            try:
-                doc = json.loads(v) if v else {}
-            except json.JSONDecodeError as err:
-                env_problem(k, f"expected a JSON object, got invalid JSON ({err.msg})")
-                continue
-            if not isinstance(doc, dict):
-                env_problem(k, f"expected a JSON object, got {type(doc).__name__}")
-                continue
-            # FAITHFUL quirk (§6.2): the object's keys land at the top level of the metadata.
-            metadata.update(doc)
-            if k == "ISTIO_METAJSON_LABELS":
-                labels = {str(a): str(b) for a, b in doc.items()}
-    if env.get("DNS_PROXY_ADDR"):
-        metadata["DNS_PROXY_ADDR"] = env["DNS_PROXY_ADDR"]
-    status_port_env = env.get("ENVOY_STATUS_PORT", "15021")
-    prom_port_env = env.get("ENVOY_PROMETHEUS_PORT", "15090")
-    envoy_status_port = int(status_port_env) if status_port_env.isdigit() else 15021
-    envoy_prom_port = int(prom_port_env) if prom_port_env.isdigit() else 15090
-    if not status_port_env.isdigit():
-        env_problem("ENVOY_STATUS_PORT", f"expected a port, got {status_port_env!r}")
-    if not prom_port_env.isdigit():
-        env_problem("ENVOY_PROMETHEUS_PORT", f"expected a port, got {prom_port_env!r}")
-    hbone = env_bool("ISTIO_META_ENABLE_HBONE", False)
-    peer_md = env.get("PEER_METADATA_DISCOVERY")
-    proxy_json = dict(proxy.raw)
-    if proxy.readiness_probe is not None:
-        proxy_json["readinessProbe"] = proxy.readiness_probe.to_json()
-    typed: dict[str, Any] = {
-        "ISTIO_VERSION": ISTIO_COMPAT_VERSION,
-        "INSTANCE_IPS": ",".join(instance_ips),
-        "ENVOY_STATUS_PORT": envoy_status_port,
-        "ENVOY_PROMETHEUS_PORT": envoy_prom_port,
-        "METADATA_DISCOVERY": "true" if (peer_md and env_bool("PEER_METADATA_DISCOVERY", False)) or hbone else "false",
-        "ENVOY_SKIP_DEPRECATED_LOGS": "true" if env_bool("ENVOY_SKIP_DEPRECATED_LOGS", True) else "false",
-        "WORKLOAD_IDENTITY_SOCKET_FILE": "socket",
-        "PROXY_CONFIG": proxy_json,
-        "NAME": pod_name,
-        "NAMESPACE": namespace,
-        "SERVICE_ACCOUNT": service_account,
-        "INTERCEPTION_MODE": proxy.interception_mode,
-    }
-    if labels:
-        typed["LABELS"] = labels
-        typed["STATIC_LABELS"] = labels
-    if env_bool("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", False):
-        typed["EXIT_ON_ZERO_ACTIVE_CONNECTIONS"] = "true"
-    if proxy.control_plane_auth_policy == "MUTUAL_TLS":
-        typed["PILOT_SAN"] = [_tls_server_name(discovery.host, "")]
-    metadata.update(typed)
-
-    locality: dict[str, str] | None = None
-    loc_label = labels.get("topology.istio.io/locality") or labels.get("istio-locality")
-    if loc_label:
-        parts = loc_label.split(".")
-        names = ("region", "zone", "sub_zone")
-        locality = {names[i]: p for i, p in enumerate(parts[:3]) if p}
-
-    if proxy.service_cluster and proxy.service_cluster != "istio-proxy":
-        cluster = proxy.service_cluster
-    elif labels.get("app") or labels.get("app.kubernetes.io/name") or labels.get("service.istio.io/canonical-name"):
-        app = labels.get("app") or labels.get("app.kubernetes.io/name") or labels["service.istio.io/canonical-name"]
-        cluster = f"{app}.{namespace}"
-    elif metadata.get("WORKLOAD_NAME"):
-        cluster = f"{metadata['WORKLOAD_NAME']}.{namespace}"
-    else:
-        cluster = f"istio-proxy.{namespace}"
-
-    node = Node(
-        id=node_id,
-        cluster=cluster,
-        metadata=metadata,
-        locality=locality,
+    envoy_status_port = envr.port("ENVOY_STATUS_PORT", 15021)
+    envoy_prom_port = envr.port("ENVOY_PROMETHEUS_PORT", 15090)
+    node = build_node(
+        envr,
+        proxy,
+        role=role,
         instance_ips=instance_ips,
         pod_name=pod_name,
         namespace=namespace,
-        dns_domain=dns_domain,
+        service_account=service_account,
+        pilot_san=_tls_server_name(discovery.host, ""),
+        envoy_status_port=envoy_status_port,
+        envoy_prometheus_port=envoy_prom_port,
     )
+    dns_domain = node.dns_domain
 
     # 11. DNS proxy (§10.1). Product decision: it listens on loopback and forwards before the first NameTable.
-    dns_capture = env_bool("ISTIO_META_DNS_CAPTURE", False)
-    dns_enabled = dns_capture or env_bool("ISTIO_META_ENABLE_DNS_SERVER", False)
+    # A gateway runs none (pilot-agent starts its DNS proxy for sidecars only), whatever istioctl's files say.
+    sidecar = role == "sidecar"
+    dns_capture = sidecar and env_bool("ISTIO_META_DNS_CAPTURE", False)
+    dns_enabled = dns_capture or (sidecar and env_bool("ISTIO_META_ENABLE_DNS_SERVER", False))
     resolv = parse_resolv_conf("")
     if dns_enabled:
         resolv_text = _read_text(paths.resolv_conf, "resolv.conf", errs)
@@ -817,15 +686,15 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
     if interception not in ("REDIRECT", "TPROXY"):
         env_problem("ISTIO_INBOUND_INTERCEPTION_MODE", f"expected REDIRECT or TPROXY, got {interception!r}")
     capture = CaptureConfig(
-        enabled=not env_bool("ISTIO_CUSTOM_IP_TABLES", False) and proxy.interception_mode != "NONE",
+        enabled=sidecar and not env_bool("ISTIO_CUSTOM_IP_TABLES", False) and proxy.interception_mode != "NONE",
         interception_mode=interception,
         inbound_ports=env.get("ISTIO_INBOUND_PORTS", "*") or "*",
-        local_exclude_ports=env_ports("ISTIO_LOCAL_EXCLUDE_PORTS"),
+        local_exclude_ports=envr.ports("ISTIO_LOCAL_EXCLUDE_PORTS"),
         service_cidr=env.get("ISTIO_SERVICE_CIDR", "*") or "*",
-        service_exclude_cidr=env_list("ISTIO_SERVICE_EXCLUDE_CIDR"),
-        outbound_ports=env_ports("ISTIO_OUTBOUND_PORTS"),
-        outbound_exclude_ports=env_ports("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
-        exclude_interfaces=env_list("ISTIO_EXCLUDE_INTERFACES"),
+        service_exclude_cidr=envr.list("ISTIO_SERVICE_EXCLUDE_CIDR"),
+        outbound_ports=envr.ports("ISTIO_OUTBOUND_PORTS"),
+        outbound_exclude_ports=envr.ports("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"),
+        exclude_interfaces=envr.list("ISTIO_EXCLUDE_INTERFACES"),
         proxy_uid=proxy_uid,
         proxy_gid=proxy_gid,
         dns_capture=dns_capture and env_bool("REDIRECT_DNS", True),
@@ -869,13 +738,14 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         envoy_prometheus_port=envoy_prom_port,
         delta_xds=env_bool("ISTIO_DELTA_XDS", True),
         health_heartbeat_s=env_duration("VM_AGENT_HEALTH_HEARTBEAT", "60s"),
-        auto_register_group=str(metadata.get("AUTO_REGISTER_GROUP", "")),
+        auto_register_group=str(node.metadata.get("AUTO_REGISTER_GROUP", "")),
         rewrite_probe_localhost=env_bool("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", False),
         proxy_log_level=log_level,
         proxy_component_log_level=component,
         metrics_localhost_only=proxy.proxy_metadata.get("METRICS_LOCALHOST_ACCESS_ONLY", "").lower() == "true",
         envoy_group=envoy_group,
         manage_capture=env_bool("VM_AGENT_MANAGE_CAPTURE", False),
+        role=role,
     )
 
     config = Config(

@@ -144,6 +144,7 @@ class AgentConfig:
     metrics_localhost_only: bool
     envoy_group: str | None = None  # group Envoy runs as: the SDS socket is handed to it (0660)
     manage_capture: bool = False  # an agent running as root applies and removes the capture rules itself
+    role: str = "sidecar"  # or "gateway": node type router, no capture, no DNS proxy, no probe (config/role.py)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Config:
         """The effective configuration for ``vm-agent check --json``; never contains the token or a key."""
         probe = self.proxy.readiness_probe
         return {
+            "role": self.agent.role,
             "node_id": self.node.id,
             "cluster": self.node.cluster,
             "namespace": self.identity.namespace,

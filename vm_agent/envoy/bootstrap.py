@@ -96,6 +96,9 @@ class EnvoySettings:
     delta_xds: bool = True
     drain_duration_s: float = 45.0
     termination_drain_duration_s: float = 5.0
+    # A sidecar drains its inbound listeners only (outbound calls of the draining app keep working); a gateway's
+    # listeners are all "inbound" to it, so it drains every one (pilot-agent: DrainListeners(inboundonly=Sidecar)).
+    drain_inbound_only: bool = True
     concurrency: int | None = None
     log_level: str = "warning"
     component_log_level: str | None = None

@@ -234,7 +234,8 @@ class Supervisor:
             self._stopped.set()
 
     async def drain(self) -> None:
-        """SIGTERM path: drain inbound listeners for the termination drain duration, then stop Envoy.
+        """SIGTERM path: drain the listeners (inbound ones for a sidecar) for the termination drain duration, then
+        stop Envoy.
 
         After ``drain_in_place()`` (``POST /drain``) or with no Envoy running, Envoy is stopped at once.
         """
@@ -245,7 +246,7 @@ class Supervisor:
             self._drained = True
             # Like pilot-agent, wait the full duration even if the drain request failed: connections that are
             # open keep being served until then.
-            await self.admin.drain_listeners(inbound_only=True, graceful=True)
+            await self.admin.drain_listeners(inbound_only=self.settings.drain_inbound_only, graceful=True)
             log.info("draining Envoy for %.1fs", self.settings.termination_drain_duration_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=self.settings.termination_drain_duration_s)
@@ -256,7 +257,9 @@ class Supervisor:
         self._drained = True
         if self._proc is not None and self._proc.returncode is None:
             self._state = "draining"
-            await self.admin.drain_listeners(inbound_only=True, graceful=True, skip_exit=True)
+            await self.admin.drain_listeners(
+                inbound_only=self.settings.drain_inbound_only, graceful=True, skip_exit=True
+            )
 
     async def stop(self) -> None:
         """Stop Envoy now and make run() return (waits for it if run() is running)."""
