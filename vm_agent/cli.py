@@ -97,6 +97,12 @@ def cmd_check(ns: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if config.problems else EXIT_OK
 
 
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    from vm_agent.doctor import doctor_command
+
+    return doctor_command(load(_options(ns)), ns.json)
+
+
 def cmd_version(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps({"version": __version__, "istio_compat": ISTIO_COMPAT_VERSION}))
@@ -239,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("doctor", help="check everything this VM needs to join the mesh, with fixes (exit 1 on failure)")
+    _add_config_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/doctor.md)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true")

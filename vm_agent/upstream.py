@@ -35,6 +35,9 @@ KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 MAX_RECEIVE_MESSAGE_LENGTH = 2**31 - 1
 _WINDOW_BYTES = 1 << 20
+# The audience istiod's CA asks the TokenReview for (istiod's TOKEN_AUDIENCES default); istioctl mints the VM's
+# token with it.
+ISTIO_CA_AUDIENCE = "istio-ca"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from vm_agent.logs import get_logger
 from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, ca_pb2
 from vm_agent.upstream import (
+    ISTIO_CA_AUDIENCE,
     ClientCertProvider,
     UpstreamError,
     UpstreamSettings,
@@ -69,10 +70,10 @@ def _token_problem(settings: UpstreamSettings, now: datetime) -> tuple[str, str]
             f"token in {settings.token_path} expired at {info.expires_at.isoformat()}; "
             "put a fresh token there (it is read on every attempt, no restart needed)",
         )
-    if info.audiences and "istio-ca" not in info.audiences:
+    if info.audiences and ISTIO_CA_AUDIENCE not in info.audiences:
         return (
             "token_audience",
-            f"token in {settings.token_path} has audience {', '.join(info.audiences)}, not istio-ca",
+            f"token in {settings.token_path} has audience {', '.join(info.audiences)}, not {ISTIO_CA_AUDIENCE}",
         )
     return None
 
