@@ -9,6 +9,7 @@ import pytest
 
 from tests.interop.lab import Binaries, LabError, cache_dir
 from tests.interop.netlab import netns
+from tests.interop.netlab.multinet import MultiNetwork
 from tests.interop.netlab.world import NetLab, missing_tools
 
 _LAB: list[NetLab] = []
@@ -37,6 +38,17 @@ def lab() -> Iterator[NetLab]:
         yield world
     finally:
         world.destroy()
+
+
+@pytest.fixture(scope="session")
+def multinet(lab: NetLab) -> Iterator[MultiNetwork]:
+    """vm-net, its VM and the two east-west gateways, added to the running lab the first time a test asks."""
+    net = MultiNetwork(lab)
+    try:
+        net.start()
+        yield net
+    finally:
+        net.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -188,27 +188,32 @@ class Topology:
         first network's gateway (or ``default_via``), where unmatched packets die."""
         ns = self._ns(role)
         host = Host(role, ns)
-        for i, (net_name, index) in enumerate(legs.items()):
-            net = self.networks[net_name]
-            port = f"p{len(self.hosts)}-{i}"
-            dev = f"eth{i}"
-            addr = net.address(index)
-            sh("ip", "-n", net.ns, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns)
-            sh("ip", "-n", net.ns, "link", "set", port, "master", "br0", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{addr}/{net.subnet.prefixlen}", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            host.addresses[net_name] = addr
+        self.hosts[role] = host
+        for net_name, index in legs.items():
+            self.attach(host, net_name, index)
         first = self.networks[next(iter(legs))]
         sh("ip", "-n", ns, "route", "add", "default", "via", default_via or first.gateway)
-        self.hosts[role] = host
         return host
+
+    def attach(self, host: Host, network: str, index: int) -> str:
+        """Plug ``host`` into ``network`` with one more leg (only that network's subnet is routed through it)."""
+        net = self.networks[network]
+        leg = len(host.addresses)
+        port, dev = self._port_name(host, leg), f"eth{leg}"
+        addr = net.address(index)
+        sh("ip", "-n", net.ns, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", host.ns)
+        sh("ip", "-n", net.ns, "link", "set", port, "master", "br0", "up")
+        sh("ip", "-n", host.ns, "addr", "add", f"{addr}/{net.subnet.prefixlen}", "dev", dev)
+        sh("ip", "-n", host.ns, "link", "set", dev, "up")
+        host.addresses[network] = addr
+        return addr
+
+    def _port_name(self, host: Host, leg: int) -> str:
+        return f"p{list(self.hosts).index(host.role)}-{leg}"
 
     def bridge_port(self, host: Host, network: str) -> tuple[str, str]:
         """(namespace, interface) of ``host``'s port on ``network``'s bridge."""
-        net = self.networks[network]
-        index = list(self.hosts).index(host.role)
-        leg = list(host.addresses).index(network)
-        return net.ns, f"p{index}-{leg}"
+        return self.networks[network].ns, self._port_name(host, list(host.addresses).index(network))
 
     def set_link(self, host: Host, network: str, up: bool) -> None:
         """Cut (or restore) ``host``'s leg on ``network`` at the bridge: packets vanish silently, like a dead link."""

@@ -66,8 +66,10 @@ class Vm:
         version: str = "",
         extra_env: dict[str, str] | None = None,
         app_name: str | None = None,
+        gateway: bool = False,
     ) -> None:
         self.host = host
+        self.gateway = gateway
         self.name = host.role
         self.version = version
         self.app_name = app_name or host.role
@@ -132,6 +134,7 @@ class Vm:
             "netfilter",
             action,
             f"--config-dir={self.config_dir}",
+            *(["--gateway"] if self.gateway else []),
             *self.set_args(),
         ]
         return self.host.run(*argv, check=False)
@@ -154,6 +157,7 @@ class Vm:
             "run",
             f"--config-dir={self.config_dir}",
             f"--state-dir={self.state_dir}",
+            *(["--gateway"] if self.gateway else []),
             *self.set_args(),
         ]
         self.agent = self._guarded(PROXY_UID, argv, self.agent_log, {"HOME": str(self.home)})

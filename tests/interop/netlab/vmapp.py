@@ -54,6 +54,9 @@ def make_http_server(state: State, port: int) -> ThreadingHTTPServer:
                 body = b"ok" if code == 200 else b"app says not ready"
                 ctype = "text/plain"
             else:
+                if self.path.startswith("/slow"):
+                    # /slow?ms=N: an in-flight request a drain must let finish.
+                    time.sleep(int(self.path.partition("ms=")[2] or "1000") / 1000)
                 with state.lock:
                     state.served += 1
                 code = 200

@@ -49,6 +49,8 @@ SHOP_HOST = "shop.external.test"
 """A ServiceEntry host without addresses: istiod allocates it a 240.240/16 address; its endpoint is the outsider."""
 FORUM_HOST = "forum.forum.svc.cluster.local"
 VM_ADDRESSES = {"forum-v1": 11, "forum-v2": 12, "webapp": 21}
+NETWORK1 = "network1"
+"""The cluster's network (istio-system's topology.istio.io/network label), shared by the first three VMs."""
 VM_VERSIONS = {"forum-v1": "v1", "forum-v2": "v2"}
 
 
@@ -79,10 +81,18 @@ def missing_tools() -> str | None:
     return None
 
 
-def group_objects(ns: str, group: str, sa: str, *, app_label: str, probe: bool = True) -> list[dict[str, Any]]:
+def group_objects(
+    ns: str, group: str, sa: str, *, app_label: str, network: str = NETWORK1, probe: bool = True
+) -> list[dict[str, Any]]:
+    """A namespace with a ServiceAccount, a WorkloadGroup on ``network`` (istioctl writes it as ISTIO_META_NETWORK)
+    and a Service selecting the group's WorkloadEntries."""
     spec: dict[str, Any] = {
         "metadata": {"labels": {"app": app_label}},
-        "template": {"serviceAccount": sa, "ports": {"http": HTTP_PORT, "tcp-echo": TCP_PORT}},
+        "template": {
+            "serviceAccount": sa,
+            "network": network,
+            "ports": {"http": HTTP_PORT, "tcp-echo": TCP_PORT},
+        },
     }
     if probe:
         spec["probe"] = {
@@ -127,7 +137,7 @@ class NetLab:
         self.cp: ControlPlane | None = None
         self.vms: dict[str, Vm] = {}
         self.outsider_app: Vm | None = None
-        self.dnsmasq: subprocess.Popen[bytes] | None = None
+        self.dnsmasqs: list[subprocess.Popen[bytes]] = []
         self.figures = Figures()
         self.stages: dict[str, float] = {}
         self.files: dict[str, Path] = {}
@@ -154,7 +164,7 @@ class NetLab:
             dns = self.topo.host("dns", {"lan": 53})
             hosts = {role: self.topo.host(role, {"lan": index}) for role, index in VM_ADDRESSES.items()}
             outsider = self.topo.host("outsider", {"lan": 30})
-            self._start_dnsmasq(dns)
+            self.start_dnsmasq(dns, DNS_IP)
         with self.stage("control plane"):
             (self.work / "cp").mkdir()
             self.cp = ControlPlane(bins=self.bins, work=self.work / "cp", netns=cluster)
@@ -185,6 +195,11 @@ class NetLab:
         cp = self.cp
         assert cp is not None
         cp.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "istio-system", "labels": {"topology.istio.io/network": NETWORK1}},
+            },
             *group_objects("forum", "forum", "forum", app_label="forum"),
             *group_objects("webapp", "webapp", "webapp", app_label="webapp"),
             {
@@ -223,30 +238,35 @@ class NetLab:
                 app_name=group,
             )
 
-    def _start_dnsmasq(self, dns: Host) -> None:
+    def start_dnsmasq(self, dns: Host, address: str) -> None:
+        """dnsmasq on ``address``: the resolver of that network, knowing only names outside the mesh."""
         log = (self.work / "dnsmasq.log").open("ab")
         argv = [
             *dns.exec_prefix(), "setpriv", "--pdeathsig", "KILL", "--",
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-            "--bind-interfaces", f"--listen-address={DNS_IP}", f"--host-record={OUTSIDE_NAME},10.77.0.30",
+            "--bind-interfaces", f"--listen-address={address}", f"--host-record={OUTSIDE_NAME},10.77.0.30",
             "--local=/lab.test/", "--local=/cluster.local/", "--log-queries", "--log-facility=-", "--pid-file=",
             "--user=root",
         ]  # fmt: skip
-        self.dnsmasq = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.dnsmasqs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
         log.close()
 
     def dnsmasq_log(self) -> str:
         return (self.work / "dnsmasq.log").read_text(errors="replace")
 
-    def istioctl_files(self, group: str, namespace: str, vm_ip: str, *extra: str) -> Path:
-        assert self.cp is not None
+    def istioctl_files(
+        self, group: str, namespace: str, vm_ip: str, *, ingress_ip: str = ISTIOD_IP, autoregister: bool = True
+    ) -> Path:
+        """``istioctl x workload entry configure`` for one VM; ``ingress_ip`` is where its hosts file puts istiod."""
+        assert self.cp is not None and self.cp.netns is not None
         out = self.work / "istioctl" / f"{group}-{vm_ip}"
         out.mkdir(parents=True)
         argv = [
-            *self.cp.netns.exec_prefix(),  # type: ignore[union-attr]
+            *self.cp.netns.exec_prefix(),
             str(self.bins.istioctl), f"--kubeconfig={self.cp.kubeconfig}", "x", "workload", "entry", "configure",
-            f"--name={group}", f"--namespace={namespace}", f"--clusterID={CLUSTER_ID}", "--autoregister",
-            f"--ingressIP={ISTIOD_IP}", f"--internalIP={vm_ip}", f"-o={out}", *extra,
+            f"--name={group}", f"--namespace={namespace}", f"--clusterID={CLUSTER_ID}",
+            *(["--autoregister"] if autoregister else []),
+            f"--ingressIP={ingress_ip}", f"--internalIP={vm_ip}", f"-o={out}",
         ]  # fmt: skip
         res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         if res.returncode != 0:
@@ -266,8 +286,10 @@ class NetLab:
     # ------------------------------------------------------------------ observing
 
     def entry_name(self, vm: Vm) -> str:
+        """istiod's name for an auto-registered entry: group-address, plus -network when the VM has one."""
         group = "forum" if vm.name.startswith("forum") else vm.name
-        return f"{group}-{vm.host.ip}"
+        network = vm.cluster_env().get("ISTIO_META_NETWORK", "")
+        return f"{group}-{vm.host.ip}" + (f"-{network}" if network else "")
 
     def entry(self, vm: Vm) -> dict[str, Any] | None:
         assert self.cp is not None
@@ -289,17 +311,21 @@ class NetLab:
     def wait_serving(self, client: Vm, url: str, versions: set[str], timeout: float) -> None:
         """Until requests from ``client`` to ``url`` have been answered by every version in ``versions``."""
         seen: set[str] = set()
+        last: list[dict[str, Any]] = []
 
         def check() -> bool:
             client.must_be_alive()
-            for r in client.app("get", url=url, count=10, timeout=3)["results"]:
+            last[:] = client.app("get", url=url, count=10, timeout=3)["results"]
+            for r in last:
                 if r.get("status") == 200 and r.get("version") is not None:
                     seen.add(r["version"])
             return versions <= seen
 
-        wait_until(
-            check, timeout, f"{client.name} reaching {url} on {sorted(versions)} (seen {sorted(seen)})", interval=0.5
-        )
+        try:
+            wait_until(check, timeout, f"{client.name} reaching {url} on {sorted(versions)}", interval=0.5)
+        except AssertionError as exc:
+            sample = [{k: r.get(k) for k in ("status", "version", "error", "body")} for r in last[:3]]
+            raise AssertionError(f"{exc}; seen {sorted(seen)}; last answers {sample}") from None
 
     def versions(self, client: Vm, url: str, count: int) -> set[str | None]:
         """Which versions answered a fresh batch of ``count`` requests (None for a failed request)."""
@@ -327,8 +353,9 @@ class NetLab:
                 vm.stop()
             if self.cp is not None:
                 self.cp.stop()
-            if self.dnsmasq is not None and self.dnsmasq.poll() is None:
-                self.dnsmasq.kill()
+            for proc in self.dnsmasqs:
+                if proc.poll() is None:
+                    proc.kill()
             self.save_logs()
         finally:
             self.topo.destroy()
