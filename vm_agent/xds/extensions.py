@@ -5,8 +5,14 @@ real istiod puts four istio-proxy-only filter configs into CDS and LDS, and stoc
 update for any one of them (found by the interop suite, docs/interop.md). Removing exactly those filters
 costs Istio's peer-metadata telemetry, standard metrics and ALPN hints; routing and mTLS are unaffected.
 
-Only Listener and Cluster responses that contain one of the config type names are decoded; everything else
-keeps passing through as bytes.
+The TLS contexts istiod pushes also offer ALPN ``istio-peer-exchange``. istio-proxy's exchange filter writes a
+binary preamble into any stream that negotiates it, so a VM without that filter must never negotiate it: a pod's
+preamble would land in the VM application's TCP stream. istiod's own answer for such proxies (``DisableMxALPN``)
+is to leave the protocol out; the same is done here for every cluster and listener TLS context, keeping every
+other protocol in its order.
+
+Only Listener and Cluster responses that contain one of the config type names or that protocol name are decoded;
+everything else keeps passing through as bytes.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 from collections import Counter
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from udpa.type.v1 import typed_struct_pb2 as udpa_typed_struct_pb2
@@ -33,7 +41,15 @@ ISTIO_PROXY_ONLY = frozenset(
         "stats.PluginConfig",
     }
 )
-_MARKERS = tuple(name.encode() for name in ISTIO_PROXY_ONLY)
+PEER_EXCHANGE_ALPN = "istio-peer-exchange"
+"""The ALPN that tells a peer's exchange filter to write its preamble (istiod: ``ALPNInMeshWithMxc``)."""
+ALPN_DROPPED = f"alpn {PEER_EXCHANGE_ALPN}"
+"""How a removed ALPN entry is counted next to the dropped filters."""
+_MARKERS = (*(name.encode() for name in ISTIO_PROXY_ONLY), PEER_EXCHANGE_ALPN.encode())
+_TLS_CONTEXTS = {
+    f"type.googleapis.com/{cls.DESCRIPTOR.full_name}": cls
+    for cls in (tls_pb2.UpstreamTlsContext, tls_pb2.DownstreamTlsContext)
+}
 _HCM = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _TYPED_STRUCTS = (xds_typed_struct_pb2.TypedStruct, udpa_typed_struct_pb2.TypedStruct)
 
@@ -60,7 +76,24 @@ class _Stripper:
             return False
         return True
 
+    def transport_socket(self, ts: base_pb2.TransportSocket) -> None:
+        """Drop the exchange ALPN from a TLS transport socket; any other socket is left alone."""
+        cls = _TLS_CONTEXTS.get(ts.typed_config.type_url)
+        if cls is None or PEER_EXCHANGE_ALPN.encode() not in ts.typed_config.value:
+            return
+        ctx = cls()
+        ts.typed_config.Unpack(ctx)
+        alpn = ctx.common_tls_context.alpn_protocols
+        kept = [p for p in alpn if p != PEER_EXCHANGE_ALPN]
+        if len(kept) != len(alpn):
+            self.dropped[ALPN_DROPPED] += len(alpn) - len(kept)
+            del alpn[:]
+            alpn.extend(kept)
+            ts.typed_config.Pack(ctx)
+
     def chain(self, fc: listener_components_pb2.FilterChain) -> None:
+        if fc.HasField("transport_socket"):
+            self.transport_socket(fc.transport_socket)
         kept = [f for f in fc.filters if self.keep(f.typed_config)]
         for f in kept:
             if config_type(f.typed_config) == _HCM:
@@ -82,6 +115,10 @@ class _Stripper:
             self.chain(lis.default_filter_chain)
 
     def cluster(self, c: cluster_pb2.Cluster) -> None:
+        if c.HasField("transport_socket"):
+            self.transport_socket(c.transport_socket)
+        for match in c.transport_socket_matches:
+            self.transport_socket(match.transport_socket)
         kept = [f for f in c.filters if self.keep(f.typed_config)]
         if len(kept) != len(c.filters):
             del c.filters[:]
@@ -103,7 +140,7 @@ class _Stripper:
 
 
 def strip_istio_proxy_filters(message: bytes, type_url: str, *, delta: bool) -> tuple[bytes, dict[str, int]]:
-    """The response with istio-proxy-only filters removed, and how many of each were dropped.
+    """The response with istio-proxy-only filters and the exchange ALPN removed, and how many of each were dropped.
 
     Returns the original bytes untouched when the response is not LDS/CDS or holds none of them.
     """

@@ -20,7 +20,13 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from vm_agent.envoy_binary import find_envoy_binary
-from vm_agent.xds.extensions import CLUSTER_TYPE_URL, ISTIO_PROXY_ONLY, LISTENER_TYPE_URL, strip_istio_proxy_filters
+from vm_agent.xds.extensions import (
+    ALPN_DROPPED,
+    CLUSTER_TYPE_URL,
+    ISTIO_PROXY_ONLY,
+    LISTENER_TYPE_URL,
+    strip_istio_proxy_filters,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -97,7 +103,7 @@ def test_stock_envoy_rejects_a_default_istiods_config(tmp_path: Path) -> None:
 def test_stock_envoy_takes_the_rest_once_istio_proxy_filters_are_dropped(tmp_path: Path) -> None:
     clusters, listeners = istiod_resources()
     dropped = without_istio_proxy_filters(clusters, listeners)
-    assert set(dropped) == ISTIO_PROXY_ONLY, dropped  # all four occur in a default istiod's push
+    assert set(dropped) == {*ISTIO_PROXY_ONLY, ALPN_DROPPED}, dropped  # all four occur in a default istiod's push
     res = envoy_validate(tmp_path, clusters, listeners)
     assert res.returncode == 0, res.stderr[-2000:]
 
