@@ -3,7 +3,7 @@
 istio-proxy's exchange filter writes a binary preamble (magic 0x3D230467, length, a google.protobuf.Any) into
 any connection that negotiated ``istio-peer-exchange``. The VM's stock Envoy has no such filter, so with istiod's
 ALPN lists a pod's preamble would land in the VM application's stream. The xDS proxy drops that protocol from
-every TLS context it forwards (vm_agent.xds.extensions); these tests run Envoy with istiod's captured cluster and
+every TLS context it forwards (vm_agent.telemetry.rewrite); these tests run Envoy with istiod's captured cluster and
 listener TLS contexts after that step and check the negotiated protocol from both sides:
 
 * outbound: the VM's cluster ``outbound|57229||vm-app...`` dials a stand-in server that behaves like istio-proxy's
@@ -34,7 +34,12 @@ from google.protobuf import any_pb2, json_format, struct_pb2
 from tests.helpers.envoy import uds_grpc_cluster
 from tests.helpers.net import free_port
 from tests.integration.mesh_xdsgen.support import MeshCa, Svid, running_envoy, sds_server
-from vm_agent.xds.extensions import CLUSTER_TYPE_URL, LISTENER_TYPE_URL, PEER_EXCHANGE_ALPN, strip_istio_proxy_filters
+from vm_agent.telemetry.rewrite import (
+    CLUSTER_TYPE_URL,
+    LISTENER_TYPE_URL,
+    PEER_EXCHANGE_ALPN,
+    strip_istio_proxy_filters,
+)
 
 pytestmark = [pytest.mark.integration]
 

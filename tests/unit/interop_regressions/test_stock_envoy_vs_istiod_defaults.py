@@ -4,7 +4,7 @@ data/default-istiod-{cds,lds}.pb are istiod's DiscoveryResponses, byte for byte,
 them. istiod ran with its default settings and helm's `defaultProviders.metrics: [prometheus]` (docs/interop.md,
 "Stock Envoy and istiod defaults"). The first test pins the gap. The second one shows that removing the
 istio-proxy-only filters is enough for stock Envoy to take everything else. That is the rule
-the xDS proxy applies (vm_agent.xds.extensions.strip_istio_proxy_filters), tested here through its byte-level
+the xDS proxy applies (vm_agent.telemetry.rewrite.strip_istio_proxy_filters), tested here through its byte-level
 entry point.
 """
 
@@ -20,7 +20,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from vm_agent.envoy_binary import find_envoy_binary
-from vm_agent.xds.extensions import (
+from vm_agent.telemetry.rewrite import (
     ALPN_DROPPED,
     CLUSTER_TYPE_URL,
     ISTIO_PROXY_ONLY,
@@ -36,7 +36,7 @@ DATA = Path(__file__).parent / "data"
 def without_istio_proxy_filters(
     clusters: list[cluster_pb2.Cluster], listeners: list[listener_pb2.Listener]
 ) -> dict[str, int]:
-    """The xDS proxy's rule (vm_agent.xds.extensions), applied through its byte-level entry point."""
+    """The xDS proxy's rule (vm_agent.telemetry.rewrite), applied through its byte-level entry point."""
     dropped: dict[str, int] = {}
     for items, type_url in ((clusters, CLUSTER_TYPE_URL), (listeners, LISTENER_TYPE_URL)):
         resp = discovery_pb2.DiscoveryResponse(type_url=type_url)

@@ -10,7 +10,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from vm_agent.xds.extensions import (
+from vm_agent.telemetry.rewrite import (
     ALPN_DROPPED,
     CLUSTER_TYPE_URL,
     LISTENER_TYPE_URL,
