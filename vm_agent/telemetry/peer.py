@@ -122,6 +122,7 @@ def to_struct(w: Workload) -> struct_pb2.Struct:
         if value:
             s.fields[key].string_value = value
     labels = s.fields["LABELS"].struct_value
+    labels.SetInParent()  # present even when empty, as istio-proxy sends it
     for key, value in (
         (CANONICAL_NAME, w.canonical_name),
         (CANONICAL_REVISION, w.canonical_revision),
@@ -133,9 +134,39 @@ def to_struct(w: Workload) -> struct_pb2.Struct:
     return s
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _delimited(tag: int, payload: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def serialize_deterministic(s: struct_pb2.Struct) -> bytes:
+    """A Struct as C++ protobuf's deterministic serialization writes it: map entries ordered by key bytes.
+
+    Python's runtime also has a deterministic mode but orders keys differently ("NAMESPACE" before "NAME");
+    writing the entries here keeps the VM's bytes equal to what istio-proxy sends for the same node.
+    """
+    out = bytearray()
+    for key in sorted(s.fields, key=lambda k: k.encode()):
+        value = s.fields[key]
+        if value.WhichOneof("kind") == "struct_value":
+            encoded = _delimited(0x2A, serialize_deterministic(value.struct_value))  # Value.struct_value = 5
+        else:
+            encoded = value.SerializeToString()
+        out += _delimited(0x0A, _delimited(0x0A, key.encode()) + _delimited(0x12, encoded))  # fields = 1
+    return bytes(out)
+
+
 def header_value(w: Workload) -> str:
     """``x-envoy-peer-metadata`` for a workload: base64 of the deterministic serialization of its Struct."""
-    return base64.b64encode(to_struct(w).SerializeToString(deterministic=True)).decode("ascii")
+    return base64.b64encode(serialize_deterministic(to_struct(w))).decode("ascii")
 
 
 def decode_header(value: str) -> Workload | None:
