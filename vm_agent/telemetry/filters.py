@@ -61,11 +61,6 @@ _NOT_MESH = (
 _NO_ALPN_HINT = (
     f"{_NOT_MESH} || ('istio' in {_MD} && 'alpn_override' in {_MD}.istio && {_MD}.istio.alpn_override == 'false')"
 )
-_GRPC = (
-    "request.headers['content-type'] == 'application/grpc'"
-    " || request.headers['content-type'].startsWith('application/grpc+')"
-    " || request.headers['content-type'].startsWith('application/grpc;')"
-)
 
 
 def _literal(value: str) -> str:
@@ -181,7 +176,8 @@ def _raw(reporter: str, protocol: str) -> str:
         "%CLUSTER_METADATA(istio:services)%",
         # istiod turns the Host fallback off on inbound listeners (disable_host_header_fallback).
         "%REQ(:AUTHORITY)%" if http and not inbound else "",
-        f"%CEL({_GRPC})%" if http else "",
+        # The content type decides gRPC (agent side): a plain formatter costs less per stat than a CEL test.
+        "%REQ(CONTENT-TYPE)%" if http else "",
         "%RESPONSE_CODE%" if http else "",
         "%GRPC_STATUS_NUMBER%" if http else "",
         "%RESPONSE_FLAGS%",

@@ -120,7 +120,7 @@ class Raw:
     route: str = ""
     services: str = ""
     host: str = ""
-    grpc: str = ""
+    content_type: str = ""
     response_code: str = ""
     grpc_status: str = ""
     response_flags: str = ""
@@ -215,7 +215,7 @@ def istio_labels(raw: Raw, local: LocalWorkload) -> dict[str, str]:
     if raw.protocol == "tcp":
         out["request_protocol"] = "tcp"
     else:
-        grpc = raw.grpc == "true"
+        grpc = _is_grpc(raw.content_type)
         out["request_protocol"] = "grpc" if grpc else "http"
         out["response_code"] = raw.response_code or "0"
         out["grpc_response_status"] = raw.grpc_status if grpc else ""
@@ -223,6 +223,12 @@ def istio_labels(raw: Raw, local: LocalWorkload) -> dict[str, str]:
     out["connection_security_policy"] = security
     order = TCP_LABELS if raw.protocol == "tcp" else LABELS
     return {k: out[k] for k in order}
+
+
+def _is_grpc(content_type: str) -> bool:
+    """Envoy's gRPC test on the request's content type (application/grpc, optionally +format or ;params)."""
+    ct = content_type.strip().lower()
+    return ct == "application/grpc" or ct.startswith(("application/grpc+", "application/grpc;"))
 
 
 def _escape(value: str) -> str:

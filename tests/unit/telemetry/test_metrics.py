@@ -108,3 +108,13 @@ def test_tcp_inbound_peer_comes_from_the_certificate() -> None:
 def test_text_without_istio_series_is_untouched() -> None:
     text = "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n"
     assert IstioMetrics(LOCAL).render(text) is text
+
+
+def test_grpc_requests_carry_their_status() -> None:
+    from vm_agent.telemetry.metrics import Raw, istio_labels
+
+    base = dict(reporter="destination", protocol="http", response_code="200", response_flags="-")
+    grpc = istio_labels(Raw(**base, content_type="application/grpc+proto", grpc_status="14"), LOCAL)
+    assert (grpc["request_protocol"], grpc["grpc_response_status"]) == ("grpc", "14")
+    web = istio_labels(Raw(**base, content_type="application/grpc-web", grpc_status="14"), LOCAL)
+    assert (web["request_protocol"], web["grpc_response_status"]) == ("http", "")
