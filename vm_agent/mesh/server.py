@@ -286,6 +286,7 @@ class MeshServer:
                 trust_domain=self.settings.trust_domain,
                 vips=self.vips,
                 cluster_id=self.settings.cluster_id,
+                istio_telemetry=self.settings.istio_telemetry,
             )
             table = _name_table(snap, proxy, self.vips)
         except Exception as e:

@@ -442,6 +442,7 @@ def generate(
     vips: Mapping[str, str],
     domain_suffix: str = "cluster.local",
     cluster_id: str = "Kubernetes",
+    istio_telemetry: bool = True,
 ) -> dict[str, dict[str, any_pb2.Any]]:
     """type_url → resource name → packed resource (CDS, EDS, LDS, RDS) for one proxy (of cluster ``cluster_id``)."""
     if proxy.interception_mode not in ("REDIRECT", "TPROXY", "NONE"):
@@ -496,8 +497,12 @@ def generate(
     else:
         _listeners_redirect(out, proxy, inbound, http_by_port, tcp_by_port, domain_suffix)
 
-    for lis in out.listeners.values():
-        mesh_telemetry.decorate_listener(lis)
+    if istio_telemetry:
+        for lis in out.listeners.values():
+            mesh_telemetry.decorate_listener(lis)
+    else:
+        for c in out.clusters.values():
+            c.pop("filters", None)
 
     result: dict[str, dict[str, any_pb2.Any]] = {
         CLUSTER_TYPE_URL: {},

@@ -39,7 +39,7 @@ def through_agent(
     """What Envoy receives through the agent: the local mesh pushes istiod's telemetry filters, and the agent's
     xDS proxy rewrites them for stock Envoy (vm_agent.telemetry.rewrite). ``telemetry=False`` only drops them."""
     exchange = (
-        NodeExchange(node_id, header_value(Workload(namespace="vm-ns", workload=node_id.split("~")[2])))
+        NodeExchange(node_id, header_value(Workload(namespace="vm-ns", workload=[*node_id.split("~"), "", "", ""][2])))
         if telemetry
         else None
     )
