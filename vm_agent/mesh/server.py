@@ -280,7 +280,14 @@ class MeshServer:
             return conn.gen_cache[1]
         proxy = self.proxy_view(conn)
         try:
-            out = xdsgen.generate(snap, proxy, trust_domain=self.settings.trust_domain, vips=self.vips)
+            out = xdsgen.generate(
+                snap,
+                proxy,
+                trust_domain=self.settings.trust_domain,
+                vips=self.vips,
+                cluster_id=self.settings.cluster_id,
+                istio_telemetry=self.settings.istio_telemetry,
+            )
             table = _name_table(snap, proxy, self.vips)
         except Exception as e:
             log.exception("xDS generation for %s failed", conn.conn_id)

@@ -33,6 +33,9 @@ class MeshSettings:
     auto_allocate_vips: bool = True
     # How often the manifests folder is checked for changes.
     manifests_poll_s: float = 0.2
+    # Push a default istiod's telemetry filters (istio.metadata_exchange, istio.alpn, istio.stats), which an agent
+    # fits to stock Envoy; off for a stock Envoy connected straight to the mesh.
+    istio_telemetry: bool = True
     # Close ADS streams after this long (istiod: keepaliveMaxServerConnectionAge, 30 min); None = never.
     max_stream_age_s: float | None = None
 

@@ -11,7 +11,6 @@ readable next to ``istioctl proxy-config -o json`` output, and the parser reject
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 from collections import OrderedDict
@@ -37,15 +36,23 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from vm_agent.logs import get_logger
-from vm_agent.mesh.model import (
-    MeshSnapshot,
-    Service,
-    ServiceEntry,
-    WorkloadEntry,
-    WorkloadEntrySpec,
-    WorkloadGroup,
-    exported_to,
-    is_ip,
+from vm_agent.mesh import telemetry as mesh_telemetry
+from vm_agent.mesh.model import MeshSnapshot, Service, ServiceEntry, is_ip
+from vm_agent.mesh.services import (
+    Endpoint,
+    MeshPort,
+    MeshService,
+    ProxyView,
+    allocate_vips,
+    endpoint_healthy,
+    endpoint_port,
+    ipv6_vip,
+    mesh_services,
+    own_workload,
+    protocol_from_name,
+    selector_of,
+    selects,
+    service_endpoints,
 )
 
 __all__ = [
@@ -87,13 +94,10 @@ HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-Web"})
 H2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-Web"})
 # A sidecar proxies TCP only; these ports get no cluster or listener (their traffic bypasses Envoy).
 NOT_PROXIED = frozenset({"UDP", "SCTP"})
-TLS_MODE_LABEL = "security.istio.io/tlsMode"
 # What a mesh client offers and a mesh server accepts: the Istio markers first so that a server
 # that sees them knows its peer is a sidecar; the HTTP codec is sniffed, not negotiated.
 CLIENT_ALPN = ("istio-peer-exchange", "istio")
 SERVER_ALPN = ("istio-peer-exchange", "istio", "h2", "http/1.1")
-_VIP4 = ipaddress.ip_network("240.240.0.0/16")
-_VIP6_PREFIX = "2001:2::"
 
 _T = {
     "hcm": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -106,287 +110,6 @@ _T = {
     "raw": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
     "hpo": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
 }
-
-
-@dataclass(frozen=True)
-class ProxyView:
-    """A connected proxy as the server sees it, identity already verified."""
-
-    node_id: str
-    ips: tuple[str, ...]
-    namespace: str
-    service_account: str | None
-    labels: Mapping[str, str] = field(default_factory=dict)
-    dns_capture: bool = False
-    # REDIRECT (iptables), TPROXY (same listeners, transparent inbound) or NONE (no capture: listeners
-    # bind real addresses).
-    interception_mode: str = "REDIRECT"
-    cluster_id: str = "Kubernetes"
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MeshPort:
-    number: int
-    name: str
-    protocol: str  # Istio protocol name: HTTP, HTTP2, GRPC, TCP, TLS, ...
-    target_port: int | str | None
-
-
-@dataclass(frozen=True)
-class MeshService:
-    """A Kubernetes Service or one host of a ServiceEntry, the unit istiod builds clusters for."""
-
-    host: str
-    name: str
-    namespace: str
-    registry: str  # "Kubernetes" | "External"
-    addresses: tuple[str, ...]  # IP literals usable as listener/DNS addresses (no CIDRs)
-    ports: tuple[MeshPort, ...]
-    resolution: str  # EDS | DNS | DNS_ROUND_ROBIN | PASSTHROUGH
-    headless: bool
-    source: Service | ServiceEntry
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    address: str
-    port: int
-    labels: Mapping[str, str]
-    locality: str
-    weight: int
-    identity: str | None  # SPIFFE id when the endpoint is a mesh workload (gets mTLS)
-    network: str
-
-
-# --------------------------------------------------------------------------------------------------
-# Services, endpoints, VIPs
-
-
-def _protocol_from_name(name: str, app_protocol: str | None = None) -> str:
-    candidate = (app_protocol or name.split("-", 1)[0]).lower()
-    if name.lower().startswith("grpc-web"):
-        candidate = "grpc-web"
-    return {
-        "http": "HTTP",
-        "http2": "HTTP2",
-        "grpc": "GRPC",
-        "grpc-web": "GRPC-Web",
-        "https": "HTTPS",
-        "tls": "TLS",
-        "tcp": "TCP",
-        "mongo": "Mongo",
-        "redis": "Redis",
-        "mysql": "MySQL",
-        "udp": "UDP",
-        "kubernetes.io/h2c": "HTTP2",
-    }.get(candidate, "TCP")
-
-
-def ipv6_vip(v4: str) -> str:
-    """The IPv6 twin of an auto-allocated IPv4 VIP (same low 16 bits in 2001:2::/48)."""
-    low = int(ipaddress.IPv4Address(v4)) & 0xFFFF
-    return f"{_VIP6_PREFIX}{low:x}"
-
-
-def _needs_vip(se: ServiceEntry, host: str) -> bool:
-    # Like istiod: only address-less entries that resolve (NONE means "pass through as is"), and never
-    # wildcards (one address cannot stand for many names).
-    return not se.addresses and se.resolution != "NONE" and not host.startswith("*.")
-
-
-def allocate_vips(snapshot: MeshSnapshot, previous: Mapping[str, str]) -> dict[str, str]:
-    """host → IPv4 VIP in 240.240.0.0/16 for address-less ServiceEntry hosts; existing assignments are kept."""
-    wanted = sorted({h for se in snapshot.of_kind(ServiceEntry) for h in se.hosts if _needs_vip(se, h)})
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for h in wanted:
-        old = previous.get(h)
-        if old is not None and old not in used and ipaddress.ip_address(old) in _VIP4:
-            out[h] = old
-            used.add(old)
-    size = _VIP4.num_addresses
-    base = int(_VIP4.network_address)
-    for h in wanted:
-        if h in out:
-            continue
-        # A hash start keeps a host's address independent of which other hosts exist; probing resolves
-        # collisions. Addresses ending in .0 or .255 are skipped: some stacks treat them specially.
-        i = int.from_bytes(hashlib.sha256(h.encode()).digest()[:4], "big") % size
-        for _ in range(size):
-            addr = str(ipaddress.IPv4Address(base + i))
-            if addr not in used and not addr.endswith((".0", ".255")):
-                break
-            i = (i + 1) % size
-        else:
-            raise RuntimeError("VIP range 240.240.0.0/16 exhausted")
-        out[h] = addr
-        used.add(addr)
-    return out
-
-
-def mesh_services(
-    snapshot: MeshSnapshot,
-    *,
-    vips: Mapping[str, str],
-    domain_suffix: str = "cluster.local",
-    visible_to: str | None = None,
-) -> list[MeshService]:
-    """The services a proxy in namespace ``visible_to`` sees (all when None); ``vips`` fill address-less entries."""
-    out: list[MeshService] = []
-    for svc in snapshot.of_kind(Service):
-        if visible_to is not None and not exported_to(svc, visible_to):
-            continue
-        ports = tuple(
-            MeshPort(
-                p.port,
-                p.name,
-                _protocol_from_name(p.name, p.app_protocol) if p.protocol == "TCP" else p.protocol,
-                p.target_port,
-            )
-            for p in svc.ports
-        )
-        addrs: tuple[str, ...] = (svc.cluster_ip,) if svc.cluster_ip and svc.cluster_ip != "None" else ()
-        out.append(
-            MeshService(
-                host=f"{svc.meta.name}.{svc.meta.namespace}.svc.{domain_suffix}",
-                name=svc.meta.name,
-                namespace=svc.meta.namespace,
-                registry="Kubernetes",
-                addresses=addrs,
-                ports=ports,
-                resolution="PASSTHROUGH" if svc.headless else "EDS",
-                headless=svc.headless,
-                source=svc,
-            )
-        )
-    for se in snapshot.of_kind(ServiceEntry):
-        if visible_to is not None and not exported_to(se, visible_to):
-            continue
-        se_ports = tuple(MeshPort(p.number, p.name, p.protocol, p.target_port) for p in se.ports)
-        resolution = {"STATIC": "EDS", "NONE": "PASSTHROUGH"}.get(se.resolution, se.resolution)
-        for host in se.hosts:
-            addrs = tuple(a for a in se.addresses if is_ip(a))
-            if not se.addresses and host in vips:
-                addrs = (vips[host],)
-            out.append(
-                MeshService(
-                    host=host,
-                    name=se.meta.name,
-                    namespace=se.meta.namespace,
-                    registry="External",
-                    addresses=addrs,
-                    ports=se_ports,
-                    resolution=resolution,
-                    headless=False,
-                    source=se,
-                )
-            )
-    return out
-
-
-def _selector(svc: MeshService) -> Mapping[str, str] | None:
-    """The labels picking WorkloadEntries as endpoints; None when the service does not select any."""
-    if isinstance(svc.source, Service):
-        return svc.source.selector or None
-    return svc.source.workload_selector
-
-
-def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def endpoint_healthy(we: WorkloadEntry) -> bool:
-    """Health-checked entries need a True Healthy condition; others are out only when marked False."""
-    cond = we.condition("Healthy")
-    if we.health_checked:
-        return cond is not None and cond.status == "True"
-    return cond is None or cond.status != "False"
-
-
-def _spiffe(trust_domain: str, namespace: str, sa: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{sa}"
-
-
-def _endpoint_port(port: MeshPort, ports: Mapping[str, int]) -> int:
-    if port.name in ports:
-        return ports[port.name]
-    if isinstance(port.target_port, int):
-        return port.target_port
-    if isinstance(port.target_port, str) and port.target_port in ports:
-        return ports[port.target_port]
-    return port.number
-
-
-def service_endpoints(
-    snapshot: MeshSnapshot, svc: MeshService, port: MeshPort, *, trust_domain: str, healthy_only: bool = True
-) -> list[Endpoint]:
-    """The endpoints of one service port, in a stable order."""
-    out: list[Endpoint] = []
-    selector = _selector(svc)
-    if selector is not None:
-        for we in snapshot.of_kind(WorkloadEntry):
-            if we.meta.namespace != svc.namespace or not _selects(selector, we.spec.labels):
-                continue
-            if healthy_only and not endpoint_healthy(we):
-                continue
-            if (
-                isinstance(svc.source, Service)
-                and isinstance(port.target_port, str)
-                and port.target_port not in we.spec.ports
-                and port.name not in we.spec.ports
-            ):
-                continue
-            out.append(
-                Endpoint(
-                    address=we.spec.address,
-                    port=_endpoint_port(port, we.spec.ports),
-                    labels=we.spec.labels,
-                    locality=we.spec.locality,
-                    weight=we.spec.weight,
-                    identity=_spiffe(trust_domain, we.meta.namespace, we.spec.service_account),
-                    network=we.spec.network,
-                )
-            )
-    if isinstance(svc.source, ServiceEntry):
-        for ep in svc.source.endpoints:
-            ports = ep.get("ports") or {}
-            labels = ep.get("labels") or {}
-            mesh = labels.get(TLS_MODE_LABEL) == "istio"
-            sa = ep.get("serviceAccount") or "default"
-            out.append(
-                Endpoint(
-                    address=str(ep.get("address", "")),
-                    port=_endpoint_port(port, ports),
-                    labels=labels,
-                    locality=str(ep.get("locality", "")),
-                    weight=int(ep.get("weight", 0)),
-                    identity=_spiffe(trust_domain, svc.namespace, sa) if mesh else None,
-                    network=str(ep.get("network", "")),
-                )
-            )
-    return out
-
-
-def own_workload(snapshot: MeshSnapshot, proxy: ProxyView) -> tuple[str, WorkloadEntrySpec] | None:
-    """(namespace, spec) of the workload this proxy stands for: its WorkloadEntry, else its group's template."""
-    wanted = proxy.metadata.get("WORKLOAD_ENTRY")
-    for we in snapshot.of_kind(WorkloadEntry):
-        if we.meta.namespace != proxy.namespace:
-            continue
-        if (wanted and we.meta.name == wanted) or (not wanted and we.spec.address in proxy.ips):
-            return we.meta.namespace, we.spec
-    group = proxy.metadata.get("AUTO_REGISTER_GROUP")
-    if group and proxy.ips:
-        wg = snapshot.get(WorkloadGroup, proxy.namespace, str(group))
-        if wg is not None:
-            # Before registration completes the entry does not exist yet; answer with what it will be.
-            t = wg.template
-            labels = {**t.labels, **wg.group_labels, **proxy.labels}
-            labels.pop("istio-locality", None)
-            spec = WorkloadEntrySpec(proxy.ips[0], t.ports, labels, t.network, t.locality, t.weight, t.service_account)
-            return proxy.namespace, spec
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,7 +305,7 @@ def _base_clusters(out: _Out) -> None:
     }
 
 
-def _cla(name: str, eps: list[Endpoint]) -> dict[str, Any]:
+def _cla(name: str, eps: list[Endpoint], cluster_id: str) -> dict[str, Any]:
     by_locality: dict[str, list[dict[str, Any]]] = {}
     for ep in eps:
         if not (ep.address.startswith("unix://") or is_ip(ep.address)):
@@ -591,8 +314,13 @@ def _cla(name: str, eps: list[Endpoint]) -> dict[str, Any]:
             "endpoint": {"address": _sock(ep.address, ep.port)},
             "load_balancing_weight": ep.weight or 1,
         }
+        md: dict[str, Any] = {}
         if ep.identity is not None:
-            lb["metadata"] = {"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}}
+            md["envoy.transport_socket_match"] = {"tlsMode": "istio"}
+        if ep.workload:
+            md["istio"] = {"workload": mesh_telemetry.endpoint_workload(ep, cluster_id)}
+        if md:
+            lb["metadata"] = {"filter_metadata": md}
         by_locality.setdefault(ep.locality, []).append(lb)
     groups = []
     for loc, lbs in sorted(by_locality.items()):
@@ -630,6 +358,15 @@ def _outbound_cluster(svc: MeshService, port: MeshPort, eps: list[Endpoint]) -> 
     mesh_capable = svc.resolution == "EDS" and (
         isinstance(svc.source, Service) or svc.source.workload_selector is not None or any(e.identity for e in eps)
     )
+    mesh_telemetry.decorate_cluster(
+        c,
+        host=svc.host,
+        name=svc.name if svc.registry == "Kubernetes" else svc.host,
+        namespace=svc.namespace,
+        mesh=mesh_capable,
+    )
+    if isinstance(svc.source, ServiceEntry) and svc.source.location != "MESH_INTERNAL":
+        c["metadata"]["filter_metadata"]["istio"]["external"] = True
     if mesh_capable:
         sans = [e.identity for e in eps if e.identity]
         sni = f"outbound_.{port.number}_._.{svc.host}"
@@ -657,31 +394,30 @@ def _inbound_ports(snapshot: MeshSnapshot, proxy: ProxyView, services: list[Mesh
     for svc in services:
         if svc.namespace != ns:
             continue
-        selector = _selector(svc)
-        if selector is None or not _selects(selector, spec.labels):
+        selector = selector_of(svc)
+        if selector is None or not selects(selector, spec.labels):
             continue
         for p in svc.ports:
             if p.protocol in NOT_PROXIED:
                 continue
-            n = _endpoint_port(p, spec.ports)
+            n = endpoint_port(p, spec.ports)
             found.setdefault(n, MeshPort(n, p.name, p.protocol, n))
     for pname, n in sorted(spec.ports.items()):
-        found.setdefault(n, MeshPort(n, pname, _protocol_from_name(pname), n))
+        found.setdefault(n, MeshPort(n, pname, protocol_from_name(pname), n))
     return [found[n] for n in sorted(found)]
 
 
-def _own_hosts(snapshot: MeshSnapshot, proxy: ProxyView, services: list[MeshService]) -> set[str]:
-    """Services that select this proxy's own workload: in NONE mode its app already serves them."""
+def _own_services(snapshot: MeshSnapshot, proxy: ProxyView, services: list[MeshService]) -> list[MeshService]:
+    """Services that select this proxy's own workload (in NONE mode its app already serves them)."""
     own = own_workload(snapshot, proxy)
     if own is None:
-        return set()
+        return []
     ns, spec = own
-    hosts: set[str] = set()
-    for svc in services:
-        selector = _selector(svc)
-        if svc.namespace == ns and selector is not None and _selects(selector, spec.labels):
-            hosts.add(svc.host)
-    return hosts
+    return [
+        svc
+        for svc in services
+        if svc.namespace == ns and (sel := selector_of(svc)) is not None and selects(sel, spec.labels)
+    ]
 
 
 def _vhost_domains(svc: MeshService, port: int, proxy_ns: str, domain_suffix: str) -> list[str]:
@@ -705,8 +441,10 @@ def generate(
     trust_domain: str,
     vips: Mapping[str, str],
     domain_suffix: str = "cluster.local",
+    cluster_id: str = "Kubernetes",
+    istio_telemetry: bool = True,
 ) -> dict[str, dict[str, any_pb2.Any]]:
-    """type_url → resource name → packed resource (CDS, EDS, LDS, RDS) for one proxy."""
+    """type_url → resource name → packed resource (CDS, EDS, LDS, RDS) for one proxy (of cluster ``cluster_id``)."""
     if proxy.interception_mode not in ("REDIRECT", "TPROXY", "NONE"):
         raise ValueError(
             f"ProxyView.interception_mode: expected REDIRECT, TPROXY or NONE, got {proxy.interception_mode!r}"
@@ -730,7 +468,7 @@ def generate(
             cluster = _outbound_cluster(svc, port, eps)
             out.clusters[cluster["name"]] = cluster
             if cluster["type"] == "EDS":
-                out.endpoints[cluster["name"]] = _cla(cluster["name"], eps)
+                out.endpoints[cluster["name"]] = _cla(cluster["name"], eps, cluster_id)
             (http_by_port if port.protocol in HTTP_PROTOCOLS else tcp_by_port).setdefault(port.number, []).append(svc)
 
     inbound = _inbound_ports(snapshot, proxy, services)
@@ -749,12 +487,22 @@ def generate(
             c["upstream_bind_config"] = {"source_address": {"address": "127.0.0.6", "port_value": 0}}
         if p.protocol in H2_PROTOCOLS:
             c["typed_extension_protocol_options"] = _h2_options()
+        owner = next((s for s in _own_services(snapshot, proxy, services) if p.name in {q.name for q in s.ports}), None)
+        if owner is not None:
+            mesh_telemetry.decorate_cluster(c, host=owner.host, name=owner.name, namespace=owner.namespace, mesh=False)
         out.clusters[name] = c
 
     if none_mode:
         _listeners_none(out, snapshot, proxy, services, inbound, http_by_port, tcp_by_port, domain_suffix)
     else:
         _listeners_redirect(out, proxy, inbound, http_by_port, tcp_by_port, domain_suffix)
+
+    if istio_telemetry:
+        for lis in out.listeners.values():
+            mesh_telemetry.decorate_listener(lis)
+    else:
+        for c in out.clusters.values():
+            c.pop("filters", None)
 
     result: dict[str, dict[str, any_pb2.Any]] = {
         CLUSTER_TYPE_URL: {},
@@ -923,7 +671,7 @@ def _listeners_none(
             "traffic_direction": "INBOUND",
             "filter_chains": [_inbound_chain(p, match=None)],
         }
-    own_hosts = _own_hosts(snapshot, proxy, services)
+    own_hosts = {s.host for s in _own_services(snapshot, proxy, services)}
     # The local app listens on its own ports (on loopback or the wildcard address); binding them
     # again on 127.0.0.1 would fail.
     taken = {p.number for p in inbound}

@@ -77,8 +77,11 @@ class StatusServer:
         ndsz: Callable[[], dict[str, Any]] | None = None,
         on_quit: Callable[[], Awaitable[None]] | None = None,
         on_drain: Callable[[], Awaitable[None]] | None = None,
+        envoy_metrics: Callable[[str], str] | None = None,
     ) -> None:
         self.settings = settings
+        # Envoy's Prometheus text → what the merged endpoint serves (Istio's metric names, vm_agent.telemetry).
+        self._envoy_metrics = envoy_metrics
         self._envoy_ready = envoy_ready
         self._checks = list(readiness_checks)
         self._snapshots = dict(snapshots or {})
@@ -148,6 +151,8 @@ class StatusServer:
             ):
                 if resp.status == 200:
                     envoy_text = await resp.text()
+                    if self._envoy_metrics is not None:
+                        envoy_text = self._envoy_metrics(envoy_text)
                 else:
                     SCRAPE_ERRORS.inc()
         except (aiohttp.ClientError, TimeoutError, OSError):

@@ -37,7 +37,6 @@ from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
 from vm_agent.upstream import ClientCertProvider, UpstreamError, UpstreamSettings, call_metadata, open_channel
-from vm_agent.xds.extensions import strip_istio_proxy_filters
 from vm_agent.xds.wire import INTERNAL, Flavour, WireError, build_request, peek_request, peek_response
 
 log = get_logger("xds")
@@ -52,6 +51,8 @@ SOCKET_MODE = 0o660
 """Istio uses 0666; only Envoy (same user or group) has any business on this socket."""
 
 NameTableHandler = Callable[[nds_pb2.NameTable], Awaitable[None]]
+ResponseRewriter = Callable[[bytes, str, bool], Awaitable[bytes]]
+"""(response, type_url, delta) → what Envoy gets instead (vm_agent.telemetry fits istiod's config to the binary)."""
 
 _STREAMS = Counter("vm_agent_xds_streams", "ADS streams Envoy opened, by flavour", ["flavour"], registry=REGISTRY)
 _ACTIVE = Gauge("vm_agent_xds_active_streams", "ADS streams currently proxied", registry=REGISTRY)
@@ -87,12 +88,6 @@ _LAST_RESPONSE = Gauge(
     ["type_url"],
     registry=REGISTRY,
 )
-_STRIPPED = Counter(
-    "vm_agent_xds_istio_proxy_filters_dropped",
-    "Filters only istio-proxy implements, dropped from LDS/CDS so stock Envoy accepts the rest",
-    ["config_type"],
-    registry=REGISTRY,
-)
 _HEALTH_SENT = Counter(
     "vm_agent_xds_health_reports_sent",
     "HealthInformation requests sent upstream, by reason (event, replay, heartbeat)",
@@ -109,8 +104,6 @@ class XdsSettings:
     """Subscribe to the NameTable after Envoy's first LDS request."""
     health_heartbeat_s: float = 60.0
     max_downstream_message_bytes: int = 4 * 1024 * 1024
-    strip_istio_proxy_filters: bool = True
-    """Drop the filters only istio-proxy implements from LDS/CDS (stock Envoy rejects them); see extensions.py."""
 
 
 def forwardable(type_url: str) -> bool:
@@ -214,9 +207,10 @@ class Proxy:
         *,
         client_cert: ClientCertProvider | None,
         on_name_table: NameTableHandler | None,
+        rewrite_response: ResponseRewriter | None = None,
     ) -> None:
         self._settings = settings
-        self._stripped_seen: set[str] = set()
+        self._rewrite = rewrite_response
         self._client_cert = client_cert
         self._on_name_table = on_name_table
         self.ready = asyncio.Event()
@@ -526,8 +520,8 @@ class Proxy:
             elif forwardable(head.type_url):
                 state.forwarded += 1
                 _RESPONSES.labels(head.type_url, "forwarded").inc()
-                if self._settings.strip_istio_proxy_filters:
-                    message = self._fit_stock_envoy(stream, message, head.type_url)
+                if self._rewrite is not None:
+                    message = await self._rewrite(message, head.type_url, stream.flavour is Flavour.DELTA)
                 try:
                     await context.write(message)
                 except Exception as exc:  # the downstream went away under us; its handler is ending too
@@ -538,22 +532,6 @@ class Proxy:
                 state.dropped += 1
                 _RESPONSES.labels(head.type_url, "dropped").inc()
                 log.error("stream %d: dropping response of type %r: not an Envoy type", stream.id, head.type_url)
-
-    def _fit_stock_envoy(self, stream: _Stream, message: bytes, type_url: str) -> bytes:
-        try:
-            out, dropped = strip_istio_proxy_filters(message, type_url, delta=stream.flavour is Flavour.DELTA)
-        except DecodeError as exc:
-            log.warning("stream %d: cannot inspect %s response, forwarding it as is: %s", stream.id, type_url, exc)
-            return message
-        for kind, count in dropped.items():
-            _STRIPPED.labels(kind).inc(count)
-        if dropped and not dropped.keys() <= self._stripped_seen:
-            self._stripped_seen.update(dropped)
-            log.info(
-                "dropping istio-proxy-only filters stock Envoy cannot load (telemetry only): %s",
-                ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())),
-            )
-        return out
 
     async def _consume_name_table(self, stream: _Stream, message: bytes, version: str, nonce: str) -> None:
         """Apply a NameTable response and ACK/NACK it upstream (§5.4); an empty one is ignored unACKed."""

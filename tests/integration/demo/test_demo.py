@@ -27,4 +27,7 @@ def test_demo_runs_end_to_end() -> None:
     assert "hello.demo.svc.cluster.local →" in out
     assert "condition Healthy=True" in out
     assert "caller identity: spiffe://cluster.local/ns/demo/sa/client-sa" in out
+    assert 'istio_requests_total{reporter="destination"' in out
+    assert 'source_principal="spiffe://cluster.local/ns/demo/sa/client-sa"' in out
+    assert 'destination_workload="hello"' in out
     assert "agents stopped (exit 0, 0)" in out

@@ -28,8 +28,29 @@ from google.protobuf import any_pb2, json_format
 from tests.helpers.envoy import find_envoy_binary, uds_grpc_cluster
 from tests.helpers.net import free_port
 from vm_agent.mesh.xdsgen import CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL
+from vm_agent.telemetry import NodeExchange, Workload, for_stock_envoy, header_value
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def through_agent(
+    resources: Mapping[str, Mapping[str, any_pb2.Any]], node_id: str, *, telemetry: bool = True
+) -> dict[str, dict[str, any_pb2.Any]]:
+    """What Envoy receives through the agent: the local mesh pushes istiod's telemetry filters, and the agent's
+    xDS proxy rewrites them for stock Envoy (vm_agent.telemetry.rewrite). ``telemetry=False`` only drops them."""
+    exchange = (
+        NodeExchange(node_id, header_value(Workload(namespace="vm-ns", workload=[*node_id.split("~"), "", "", ""][2])))
+        if telemetry
+        else None
+    )
+    out = {t: dict(r) for t, r in resources.items()}
+    for type_url in (CLUSTER_TYPE_URL, LISTENER_TYPE_URL):
+        resp = discovery_pb2.DiscoveryResponse(type_url=type_url)
+        names = list(out[type_url])
+        resp.resources.extend(out[type_url][n] for n in names)
+        raw, _ = for_stock_envoy(resp.SerializeToString(), type_url, delta=False, node=exchange)
+        out[type_url] = dict(zip(names, discovery_pb2.DiscoveryResponse.FromString(raw).resources, strict=True))
+    return out
 
 
 def _dicts(resources: Mapping[str, any_pb2.Any]) -> dict[str, dict[str, Any]]:
@@ -48,6 +69,7 @@ def bootstrap(
     sds_socket: Path,
     admin_port: int,
     inline: bool,
+    telemetry: bool = True,
 ) -> dict[str, Any]:
     """A bootstrap carrying the generated resources as static_resources.
 
@@ -55,6 +77,7 @@ def bootstrap(
     without a server). ``inline=True`` folds the generated ClusterLoadAssignments and RouteConfigurations
     into their clusters and listeners so that Envoy can pass traffic without an ADS server.
     """
+    resources = through_agent(resources, node_id, telemetry=telemetry)
     clusters = _dicts(resources[CLUSTER_TYPE_URL])
     listeners = _dicts(resources[LISTENER_TYPE_URL])
     if inline:

@@ -14,6 +14,7 @@ from tests.integration.xds.ads_server import AdsServer
 from tests.integration.xds.pki import ISTIOD_NAME, XdsPki
 from vm_agent.upstream import ClientCertProvider, UpstreamSettings
 from vm_agent.xds import NameTableHandler, Proxy, XdsSettings
+from vm_agent.xds.proxy import ResponseRewriter
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl"
 
@@ -56,8 +57,9 @@ async def running_proxy(
     *,
     client_cert: ClientCertProvider | None = None,
     on_name_table: NameTableHandler | None = None,
+    rewrite_response: ResponseRewriter | None = None,
 ) -> AsyncIterator[Proxy]:
-    proxy = Proxy(settings, client_cert=client_cert, on_name_table=on_name_table)
+    proxy = Proxy(settings, client_cert=client_cert, on_name_table=on_name_table, rewrite_response=rewrite_response)
     task = asyncio.create_task(proxy.run())
     try:
         await asyncio.wait_for(proxy.ready.wait(), 10)

@@ -20,6 +20,7 @@ from vm_agent.identity.manager import SecretManager
 from vm_agent.identity.sds import SdsServer
 from vm_agent.identity.settings import IdentitySettings
 from vm_agent.proto import nds_pb2
+from vm_agent.telemetry import NodeExchange, StockEnvoyAdapter
 from vm_agent.upstream import UpstreamSettings
 from vm_agent.xds import XdsSettings
 
@@ -145,7 +146,15 @@ async def test_envoy_through_proxy_to_local_mesh(tmp_path: Path) -> None:
         settings = XdsSettings(socket_path=tmp_path / "proxy" / "XDS", upstream=upstream, dns_enabled=True)
         async with (
             running_identity(identity) as manager,
-            running_proxy(settings, client_cert=manager.client_cert, on_name_table=on_name_table) as proxy,
+            running_proxy(
+                settings,
+                client_cert=manager.client_cert,
+                on_name_table=on_name_table,
+                # As the agent does: the local mesh pushes istiod's telemetry filters, fitted here to stock Envoy.
+                rewrite_response=StockEnvoyAdapter(
+                    NodeExchange(envoy_node(ip, port)["id"], "Cg0KBE5BTUUSBRoDdm0x"), True
+                ),
+            ) as proxy,
             running_envoy(
                 tmp_path, settings.socket_path, "DELTA_GRPC", node=envoy_node(ip, port), sds_socket=identity.sds_socket
             ) as envoy,

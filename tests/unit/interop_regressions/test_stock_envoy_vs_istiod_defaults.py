@@ -4,7 +4,7 @@ data/default-istiod-{cds,lds}.pb are istiod's DiscoveryResponses, byte for byte,
 them. istiod ran with its default settings and helm's `defaultProviders.metrics: [prometheus]` (docs/interop.md,
 "Stock Envoy and istiod defaults"). The first test pins the gap. The second one shows that removing the
 istio-proxy-only filters is enough for stock Envoy to take everything else. That is the rule
-the xDS proxy applies (vm_agent.xds.extensions.strip_istio_proxy_filters), tested here through its byte-level
+the xDS proxy applies (vm_agent.telemetry.rewrite.strip_istio_proxy_filters), tested here through its byte-level
 entry point.
 """
 
@@ -20,7 +20,15 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from vm_agent.envoy_binary import find_envoy_binary
-from vm_agent.xds.extensions import CLUSTER_TYPE_URL, ISTIO_PROXY_ONLY, LISTENER_TYPE_URL, strip_istio_proxy_filters
+from vm_agent.telemetry.rewrite import (
+    ALPN_DROPPED,
+    CLUSTER_TYPE_URL,
+    ISTIO_PROXY_ONLY,
+    LISTENER_TYPE_URL,
+    NodeExchange,
+    for_stock_envoy,
+    strip_istio_proxy_filters,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,15 +36,16 @@ DATA = Path(__file__).parent / "data"
 
 
 def without_istio_proxy_filters(
-    clusters: list[cluster_pb2.Cluster], listeners: list[listener_pb2.Listener]
+    clusters: list[cluster_pb2.Cluster], listeners: list[listener_pb2.Listener], node: NodeExchange | None = None
 ) -> dict[str, int]:
-    """The xDS proxy's rule (vm_agent.xds.extensions), applied through its byte-level entry point."""
+    """The xDS proxy's rule (vm_agent.telemetry.rewrite), applied through its byte-level entry point; with a
+    node, Istio's filters are replaced by the stock ones, without, only removed."""
     dropped: dict[str, int] = {}
     for items, type_url in ((clusters, CLUSTER_TYPE_URL), (listeners, LISTENER_TYPE_URL)):
         resp = discovery_pb2.DiscoveryResponse(type_url=type_url)
         for item in items:
             resp.resources.add().Pack(item)
-        out, counts = strip_istio_proxy_filters(resp.SerializeToString(), type_url, delta=False)
+        out, counts = for_stock_envoy(resp.SerializeToString(), type_url, delta=False, node=node)
         for kind, n in counts.items():
             dropped[kind] = dropped.get(kind, 0) + n
         stripped = discovery_pb2.DiscoveryResponse.FromString(out)
@@ -97,7 +106,20 @@ def test_stock_envoy_rejects_a_default_istiods_config(tmp_path: Path) -> None:
 def test_stock_envoy_takes_the_rest_once_istio_proxy_filters_are_dropped(tmp_path: Path) -> None:
     clusters, listeners = istiod_resources()
     dropped = without_istio_proxy_filters(clusters, listeners)
-    assert set(dropped) == ISTIO_PROXY_ONLY, dropped  # all four occur in a default istiod's push
+    assert set(dropped) == {*ISTIO_PROXY_ONLY, ALPN_DROPPED}, dropped  # all four occur in a default istiod's push
+    res = envoy_validate(tmp_path, clusters, listeners)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_stock_envoy_takes_istiods_config_with_istios_filters_replaced(tmp_path: Path) -> None:
+    """What the agent really forwards: exchange, ALPN hint and metrics as stock filters; Envoy validates it."""
+    clusters, listeners = istiod_resources()
+    node = NodeExchange("sidecar~127.0.0.2~vm.vm-ns~vm-ns.svc.cluster.local", "Cg0KBE5BTUUSBRoDdm0x")
+    rewritten = without_istio_proxy_filters(clusters, listeners, node)
+    assert set(rewritten) == {*ISTIO_PROXY_ONLY, ALPN_DROPPED}
+    text = "".join(str(x) for x in [*clusters, *listeners])
+    for stock in ("header_mutation", "header_to_metadata", "set_filter_state", "access_loggers.stats"):
+        assert stock in text, stock
     res = envoy_validate(tmp_path, clusters, listeners)
     assert res.returncode == 0, res.stderr[-2000:]
 

@@ -108,7 +108,8 @@ def test_endpoints_exclude_unhealthy_and_unchecked(snapshot: MeshSnapshot, vm_pr
     lb = eds[f"outbound|5432||{DB}"]["endpoints"][0]["lb_endpoints"][0]
     assert lb["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"tlsMode": "istio"}
     legacy = eds["outbound|3306||legacy.example.internal"]["endpoints"][0]["lb_endpoints"][0]
-    assert "metadata" not in legacy  # a plain ServiceEntry endpoint is not a mesh workload
+    # A plain ServiceEntry endpoint is not a mesh workload (no mTLS), but istiod still labels it for telemetry.
+    assert legacy["metadata"]["filter_metadata"] == {"istio": {"workload": "legacy;vm-ns;legacy;;Kubernetes"}}
 
 
 def test_recovering_endpoint_comes_back(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None:
@@ -167,7 +168,7 @@ def test_redirect_listeners(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None
     assert http80["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["route_config_name"] == "80"
     tcp = lds["10.96.0.11_5432"]
     assert tcp["bind_to_port"] is False
-    assert tcp["filter_chains"][0]["filters"][0]["typed_config"]["cluster"] == f"outbound|5432||{DB}"
+    assert tcp["filter_chains"][0]["filters"][-1]["typed_config"]["cluster"] == f"outbound|5432||{DB}"
     assert "192.0.2.10_3306" in lds
     vip = allocate_vips(snapshot, {})["api.example.internal"]
     assert f"{vip}_443" in lds  # DNS capture: auto-allocated VIP gets a listener
@@ -179,7 +180,7 @@ def test_redirect_without_dns_capture_matches_tls_by_sni(snapshot: MeshSnapshot,
     assert not any(n.startswith("240.240.") for n in lds)
     chains = lds["0.0.0.0_443"]["filter_chains"]
     assert chains[0]["filter_chain_match"]["server_names"] == ["api.example.internal"]
-    assert chains[-1]["filters"][0]["typed_config"]["cluster"] == "PassthroughCluster"
+    assert chains[-1]["filters"][-1]["typed_config"]["cluster"] == "PassthroughCluster"
 
 
 def test_routes_name_every_form_of_the_host(snapshot: MeshSnapshot, vm_proxy: ProxyView) -> None:
@@ -214,7 +215,7 @@ def test_none_mode_binds_real_addresses(snapshot: MeshSnapshot, vm_proxy: ProxyV
         "port_value": 8080,
     }
     db = lds["127.0.0.1_5432"]
-    assert db["filter_chains"][0]["filters"][0]["typed_config"]["cluster"] == f"outbound|5432||{DB}"
+    assert db["filter_chains"][0]["filters"][-1]["typed_config"]["cluster"] == f"outbound|5432||{DB}"
     assert "bind_to_port" not in db
     # Its own services (vm-app:80, vm-internal.mesh:8080) and its app's port are not bound on loopback.
     assert "127.0.0.1_80" not in lds

@@ -1,0 +1,120 @@
+"""Envoy's raw istiocustom series → Istio's metrics on the merged /stats/prometheus."""
+
+from __future__ import annotations
+
+from vm_agent.telemetry.filters import SEPARATOR
+from vm_agent.telemetry.metrics import LABELS, TCP_LABELS, IstioMetrics, LocalWorkload
+from vm_agent.telemetry.peer import Workload, header_value
+
+LOCAL = LocalWorkload(
+    workload="client",
+    namespace="demo",
+    canonical_name="client",
+    canonical_revision="latest",
+    app="client",
+    cluster="Kubernetes",
+    istio_version="1.28.0",
+)
+SERVER = Workload(namespace="demo", workload="hello", canonical_name="hello", canonical_revision="v1", app="hello")
+
+
+def raw(*facts: str) -> str:
+    return SEPARATOR.join(["1", *facts]).replace('"', '\\"')
+
+
+def outbound(instance: str, code: str = "200") -> str:
+    peer = header_value(Workload(**{**SERVER.__dict__, "instance": instance}))
+    return raw(
+        "source",
+        "http",
+        peer,
+        "spiffe://cluster.local/ns/demo/sa/hello",
+        "spiffe://cluster.local/ns/demo/sa/client",
+        "hello;demo;hello;v1;Kubernetes",
+        "outbound|80||hello.demo.svc.cluster.local",
+        "80",
+        '[{"host":"hello.demo.svc.cluster.local","name":"hello","namespace":"demo"}]',
+        "hello.demo:80",
+        "",
+        code,
+        "",
+        "-",
+    )
+
+
+ENVOY = "\n".join(
+    [
+        "# TYPE envoy_cluster_upstream_cx_total counter",
+        'envoy_cluster_upstream_cx_total{cluster_name="xds-grpc"} 3',
+        "# TYPE envoy_istiocustom_istio_requests_total counter",
+        f'envoy_istiocustom_istio_requests_total{{raw="{outbound("pod-a")}"}} 2',
+        f'envoy_istiocustom_istio_requests_total{{raw="{outbound("pod-b")}"}} 3',
+        f'envoy_istiocustom_istio_requests_total{{raw="{outbound("pod-b", "503")}"}} 1',
+        "# TYPE envoy_istiocustom_istio_request_duration_milliseconds histogram",
+        f'envoy_istiocustom_istio_request_duration_milliseconds_bucket{{raw="{outbound("pod-a")}",le="0.5"}} 1',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_bucket{{raw="{outbound("pod-a")}",le="+Inf"}} 2',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_sum{{raw="{outbound("pod-a")}"}} 3.5',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_count{{raw="{outbound("pod-a")}"}} 2',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_bucket{{raw="{outbound("pod-b")}",le="0.5"}} 0',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_bucket{{raw="{outbound("pod-b")}",le="+Inf"}} 3',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_sum{{raw="{outbound("pod-b")}"}} 9',
+        f'envoy_istiocustom_istio_request_duration_milliseconds_count{{raw="{outbound("pod-b")}"}} 3',
+        "# TYPE envoy_istiocustom_istio_tcp_connections_opened_total counter",
+        'envoy_istiocustom_istio_tcp_connections_opened_total{raw="'
+        + raw("destination", "tcp", "", "spiffe://cluster.local/ns/web/sa/web", "spiffe://x/ns/demo/sa/client", "")
+        + SEPARATOR * 8
+        + '"} 4',
+        "envoy_server_live 1",
+    ]
+)
+
+
+def test_pods_of_one_workload_add_up_under_istios_labels() -> None:
+    out = IstioMetrics(LOCAL).render(ENVOY)
+    lines = out.splitlines()
+    assert 'envoy_cluster_upstream_cx_total{cluster_name="xds-grpc"} 3' in lines
+    assert "envoy_server_live 1" in lines
+    assert not any("istiocustom" in line for line in lines)
+    ok = [line for line in lines if line.startswith("istio_requests_total{") and 'response_code="200"' in line]
+    assert len(ok) == 1 and ok[0].endswith(" 5")  # pod-a 2 + pod-b 3: Istio's labels carry no pod name
+    assert 'destination_workload="hello"' in ok[0]
+    assert 'destination_version="unknown"' in ok[0]  # the peer sent no version
+    assert 'source_version=""' in ok[0]  # the local side stays as its metadata says
+    assert 'connection_security_policy="unknown"' in ok[0]
+    assert 'destination_service_name="hello"' in ok[0]
+    labels = ok[0][ok[0].index("{") + 1 : ok[0].rindex("}")]
+    assert [part.split("=", 1)[0] for part in labels.split('",')] == list(LABELS)
+    assert any(line.startswith("istio_requests_total{") and 'response_code="503"' in line for line in lines)
+    hist = [line for line in lines if line.startswith("istio_request_duration_milliseconds_")]
+    assert any(line.endswith(" 12.5") for line in hist if "_sum{" in line)
+    assert any(line.endswith(" 5") for line in hist if "_count{" in line)
+    assert any('le="+Inf"} 5' in line for line in hist)
+    assert 'istio_build{component="proxy",tag="1.28.0"} 1' in lines
+
+
+def test_tcp_inbound_peer_comes_from_the_certificate() -> None:
+    out = IstioMetrics(LOCAL).render(ENVOY)
+    (tcp,) = [line for line in out.splitlines() if line.startswith("istio_tcp_connections_opened_total{")]
+    assert 'source_principal="spiffe://cluster.local/ns/web/sa/web"' in tcp
+    assert 'source_workload_namespace="web"' in tcp
+    assert 'source_workload="unknown"' in tcp
+    assert 'source_canonical_revision="latest"' in tcp
+    assert 'connection_security_policy="mutual_tls"' in tcp
+    assert 'destination_service="client"' in tcp  # no service metadata: the canonical name, as istio-proxy does
+    labels = tcp[tcp.index("{") + 1 : tcp.rindex("}")]
+    assert [part.split("=", 1)[0] for part in labels.split('",')] == list(TCP_LABELS)
+
+
+def test_text_without_istio_series_is_untouched() -> None:
+    text = "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n"
+    assert IstioMetrics(LOCAL).render(text) is text
+
+
+def test_grpc_requests_carry_their_status() -> None:
+    from vm_agent.telemetry.metrics import Raw, istio_labels
+
+    base = dict(reporter="destination", protocol="http", response_code="200", response_flags="-")
+    grpc = istio_labels(Raw(**base, content_type="application/grpc+proto", grpc_status="14"), LOCAL)
+    assert (grpc["request_protocol"], grpc["grpc_response_status"]) == ("grpc", "14")
+    web = istio_labels(Raw(**base, content_type="application/grpc-web", grpc_status="14"), LOCAL)
+    assert (web["request_protocol"], web["grpc_response_status"]) == ("http", "")

@@ -1,0 +1,254 @@
+"""Stock Envoy filters that stand in for istio-proxy's exchange, ALPN and stats filters (Envoy JSON form).
+
+Division of work (docs/interop.md, "Peer metadata and Istio's metrics on stock Envoy"):
+
+* Exchange: ``header_mutation`` adds this workload's ``x-envoy-peer-metadata(-id)`` to requests bound for mesh
+  clusters and echoes them on responses to requests that carried them; ``header_to_metadata`` moves a peer's
+  headers into dynamic metadata and removes them, so the application never sees them. Both are C++ filters with
+  one CEL condition each, evaluated once per request.
+* ALPN hint: ``set_filter_state`` sets ``envoy.network.application_protocols`` on the upstream connection.
+* Metrics: the stats access logger counts every request (HTTP) or connection (TCP) into one raw series per
+  distinct combination of the facts Istio's labels are computed from (peer header, certificates, endpoint and
+  cluster metadata, response). The agent turns those raw series into Istio's metric names and labels when it
+  serves ``/stats/prometheus`` (``vm_agent.telemetry.metrics``): that keeps per-request work to formatting one
+  tag value per stat, and keeps Istio's label rules in one tested place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vm_agent.telemetry.peer import HEADER, HEADER_ID
+
+STAT_SCOPE = "istiocustom"
+"""Istio's own stat namespace; Envoy's Prometheus output shows it as ``envoy_istiocustom_*``."""
+RAW_TAG = "raw"
+RAW_VERSION = "1"
+SEPARATOR = "\x1f"
+"""Joins the raw facts in one tag value; a control character no header, SAN, name or JSON text carries."""
+PEER_DOWNSTREAM = "io.istio.peer.downstream"
+PEER_UPSTREAM = "io.istio.peer.upstream"
+
+TYPE = {
+    "header_mutation": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+    "header_to_metadata": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+    "set_filter_state": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+    "typed_struct": "type.googleapis.com/xds.type.v3.TypedStruct",
+    "stats_logger": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config",
+}
+
+HTTP_METRICS = (
+    # (Istio's name, kind, value) in istio-proxy's order; histograms use Envoy's (and Istio's) default buckets.
+    ("istio_requests_total", "counter", None),
+    ("istio_request_duration_milliseconds", "Milliseconds", "%DURATION%"),
+    ("istio_request_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_RECEIVED%"),
+    ("istio_response_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_SENT%"),
+)
+TCP_METRICS = (
+    "istio_tcp_connections_opened_total",
+    "istio_tcp_connections_closed_total",
+    "istio_tcp_sent_bytes_total",
+    "istio_tcp_received_bytes_total",
+)
+
+_MD = "xds.cluster_metadata.filter_metadata"
+_NOT_MESH = (
+    "xds.cluster_name in ['PassthroughCluster', 'BlackHoleCluster', 'InboundPassthroughCluster']"
+    f" || ('istio' in {_MD} && (('external' in {_MD}.istio && {_MD}.istio.external == true)"
+    f" || ('disable_mx' in {_MD}.istio && {_MD}.istio.disable_mx == true)))"
+)
+"""Clusters Istio never sends its headers to (external services, passthrough) when it skips external clusters."""
+_NO_ALPN_HINT = (
+    f"{_NOT_MESH} || ('istio' in {_MD} && 'alpn_override' in {_MD}.istio && {_MD}.istio.alpn_override == 'false')"
+)
+
+
+def _literal(value: str) -> str:
+    if "'" in value or "\\" in value or "%" in value:
+        raise ValueError(f"cannot embed {value!r} in a CEL string literal")
+    return f"'{value}'"
+
+
+def _header(name: str, format_string: str) -> dict[str, Any]:
+    # An empty formatted value adds no header: a false condition (or a CEL error) sends nothing.
+    return {"append": {"header": {"key": name, "value": format_string}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+
+
+def _capture(namespace: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "header": header,
+            "on_header_present": {"metadata_namespace": namespace, "key": key, "type": "STRING"},
+            "remove": True,
+        }
+        for header, key in ((HEADER, "metadata"), (HEADER_ID, "id"))
+    ]
+
+
+def outbound_exchange(node_id: str, value: str) -> list[dict[str, Any]]:
+    """Requests to mesh clusters carry our metadata; the peer's answer is read into metadata and removed."""
+    inject = {
+        "name": "istio.metadata_exchange.propagation",
+        "typed_config": {
+            "@type": TYPE["header_mutation"],
+            "mutations": {
+                "request_mutations": [
+                    _header(HEADER_ID, f"%CEL({_NOT_MESH} ? '' : {_literal(node_id)})%"),
+                    _header(HEADER, f"%CEL({_NOT_MESH} ? '' : {_literal(value)})%"),
+                ]
+            },
+        },
+    }
+    discover = {
+        "name": "istio.metadata_exchange.discovery",
+        "typed_config": {"@type": TYPE["header_to_metadata"], "response_rules": _capture(PEER_UPSTREAM)},
+    }
+    return [inject, discover]
+
+
+def inbound_exchange(node_id: str, value: str) -> list[dict[str, Any]]:
+    """A peer's headers are read into metadata and removed; ours answer only the headers that came in."""
+    md = f"metadata.filter_metadata['{PEER_DOWNSTREAM}']"
+    discover = {
+        "name": "istio.metadata_exchange.discovery",
+        "typed_config": {"@type": TYPE["header_to_metadata"], "request_rules": _capture(PEER_DOWNSTREAM)},
+    }
+    echo = {
+        "name": "istio.metadata_exchange.propagation",
+        "typed_config": {
+            "@type": TYPE["header_mutation"],
+            "mutations": {
+                "response_mutations": [
+                    _header(HEADER_ID, f"%CEL('id' in {md} ? {_literal(node_id)} : '')%"),
+                    _header(HEADER, f"%CEL('metadata' in {md} ? {_literal(value)} : '')%"),
+                ]
+            },
+        },
+    }
+    return [discover, echo]
+
+
+def alpn_hint() -> dict[str, Any]:
+    """istio.alpn's hint on the upstream TLS handshake: ``istio-http/1.0``, ``istio-http/1.1`` or ``istio-h2``.
+
+    The hint follows the downstream protocol, which is the upstream one exactly where the hint matters (ports
+    with protocol sniffing, whose clusters use the downstream protocol). istio-proxy also appends the codec's
+    own ALPN; that is left out here so that a cluster with a fixed, different codec still works: the peer
+    then negotiates no ALPN and detects the codec from the first bytes.
+    """
+    by_protocol = "{'HTTP/1.0': 'istio-http/1.0,istio', 'HTTP/1.1': 'istio-http/1.1,istio', 'HTTP/2': 'istio-h2,istio'}"
+    return {
+        "name": "istio.alpn",
+        "typed_config": {
+            "@type": TYPE["set_filter_state"],
+            "on_request_headers": [
+                {
+                    "object_key": "envoy.network.application_protocols",
+                    "format_string": {
+                        "text_format_source": {
+                            "inline_string": f"%CEL({_NO_ALPN_HINT} ? '' : {by_protocol}[request.protocol])%"
+                        }
+                    },
+                    "shared_with_upstream": "ONCE",
+                    "skip_if_empty": True,
+                }
+            ],
+        },
+    }
+
+
+def _raw(reporter: str, protocol: str) -> str:
+    """The one tag every metric carries: the facts Istio's labels are computed from, in a fixed order."""
+    inbound = reporter == "destination"
+    side = "DOWNSTREAM" if inbound else "UPSTREAM"
+    http = protocol == "http"
+    peer = f"%DYNAMIC_METADATA({PEER_DOWNSTREAM if inbound else PEER_UPSTREAM}:metadata)%" if http else ""
+    facts = [
+        RAW_VERSION,
+        reporter,
+        protocol,
+        peer,
+        f"%{side}_PEER_URI_SAN%",
+        f"%{side}_LOCAL_URI_SAN%",
+        "" if inbound else "%UPSTREAM_METADATA(istio:workload)%",
+        "%UPSTREAM_CLUSTER_RAW%",
+        "%ROUTE_NAME%" if http else "",
+        "%CLUSTER_METADATA(istio:services)%",
+        # istiod turns the Host fallback off on inbound listeners (disable_host_header_fallback).
+        "%REQ(:AUTHORITY)%" if http and not inbound else "",
+        # The content type decides gRPC (agent side): a plain formatter costs less per stat than a CEL test.
+        "%REQ(CONTENT-TYPE)%" if http else "",
+        "%RESPONSE_CODE%" if http else "",
+        "%GRPC_STATUS_NUMBER%" if http else "",
+        "%RESPONSE_FLAGS%",
+    ]
+    return SEPARATOR.join(facts)
+
+
+def _stat(name: str, raw: str) -> dict[str, Any]:
+    return {"name": name, "tags": [{"name": RAW_TAG, "value_format": raw}]}
+
+
+def _stats_logger(name: str, config: dict[str, Any], log_types: list[str] | None = None) -> dict[str, Any]:
+    # TypedStruct: Envoy 1.40's stats logger has fields (stats_scope) older Python descriptors do not know.
+    log: dict[str, Any] = {
+        "name": name,
+        "typed_config": {
+            "@type": TYPE["typed_struct"],
+            "type_url": TYPE["stats_logger"],
+            "value": {"stats_scope": {"prefix": STAT_SCOPE}, **config},
+        },
+    }
+    if log_types:
+        log["filter"] = {"log_type_filter": {"types": log_types}}
+    return log
+
+
+def http_stats(reporter: str) -> dict[str, Any]:
+    """HCM access log: istio_requests_total and the three request histograms."""
+    raw = _raw(reporter, "http")
+    counters: list[dict[str, Any]] = []
+    histograms: list[dict[str, Any]] = []
+    for name, kind, value in HTTP_METRICS:
+        if value is None:
+            counters.append({"stat": _stat(name, raw), "value_fixed": 1})
+        else:
+            histograms.append({"stat": _stat(name, raw), "unit": kind, "value_format": value})
+    return _stats_logger("istio.stats", {"counters": counters, "histograms": histograms})
+
+
+def tcp_stats(reporter: str) -> list[dict[str, Any]]:
+    """tcp_proxy access logs: a connection counts as opened once its upstream is connected (or when it ends
+    without one), and as closed, with its bytes, when it ends."""
+    raw = _raw(reporter, "tcp")
+    opened = _stats_logger(
+        "istio.stats.opened",
+        {"counters": [{"stat": _stat(TCP_METRICS[0], raw), "value_fixed": 1}]},
+    )
+    opened["filter"] = {
+        "or_filter": {
+            "filters": [
+                {"log_type_filter": {"types": ["TcpUpstreamConnected"]}},
+                {
+                    "and_filter": {
+                        "filters": [
+                            {"log_type_filter": {"types": ["TcpConnectionEnd"]}},
+                            {"response_flag_filter": {}},
+                        ]
+                    }
+                },
+            ]
+        }
+    }
+    closed = _stats_logger(
+        "istio.stats.closed",
+        {
+            "counters": [
+                {"stat": _stat(TCP_METRICS[1], raw), "value_fixed": 1},
+                {"stat": _stat(TCP_METRICS[2], raw), "value_format": "%DOWNSTREAM_WIRE_BYTES_SENT%"},
+                {"stat": _stat(TCP_METRICS[3], raw), "value_format": "%DOWNSTREAM_WIRE_BYTES_RECEIVED%"},
+            ]
+        },
+        ["TcpConnectionEnd"],
+    )
+    return [opened, closed]

@@ -1,0 +1,245 @@
+"""Make istiod's configuration fit stock Envoy: Istio's filters become stock ones, the exchange ALPN goes.
+
+pilot-agent runs istio-proxy (Envoy plus Istio's extensions); vm-agent ships stock Envoy. A default istiod puts
+four istio-proxy-only filter configs into CDS and LDS, and stock Envoy rejects a whole update for any one of them
+(docs/interop.md). Each is replaced by what does its job with stock filters (``vm_agent.telemetry.filters``):
+
+* ``istio.metadata_exchange`` in an HCM (``io.istio.http.peer_metadata.Config``) → the header exchange, outbound
+  or inbound as istiod configured it;
+* ``istio.alpn`` → the ALPN hint through ``set_filter_state``;
+* ``istio.stats`` (HTTP or TCP) → stats access logs on the HCM or the chain's ``tcp_proxy``;
+* ``istio.metadata_exchange`` as a network or cluster filter (the TCP exchange) → removed: stock Envoy cannot
+  read a peer's preamble, so TCP peers are labelled from their certificates and endpoint metadata instead.
+
+The TLS contexts istiod pushes also offer ALPN ``istio-peer-exchange``. istio-proxy's exchange filter writes a
+binary preamble into any stream that negotiates it, so a VM without that filter must never negotiate it: a pod's
+preamble would land in the VM application's TCP stream. istiod's own answer for such proxies (``DisableMxALPN``)
+is to leave the protocol out; the same is done here for every cluster and listener TLS context, keeping every
+other protocol in its order.
+
+Only Listener and Cluster responses that contain one of the config type names or that protocol name are decoded;
+everything else keeps passing through as bytes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+
+# Imported for their descriptors: the stock filters' "@type"s must be known to parse them.
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
+from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2  # noqa: F401
+from envoy.extensions.filters.http.set_filter_state.v3 import set_filter_state_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2, json_format, struct_pb2
+from udpa.type.v1 import typed_struct_pb2 as udpa_typed_struct_pb2
+from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2
+
+from vm_agent.telemetry import filters
+
+LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+TCP_EXCHANGE = "envoy.tcp.metadataexchange.config.MetadataExchange"
+HTTP_EXCHANGE = "io.istio.http.peer_metadata.Config"
+ALPN = "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig"
+STATS = "stats.PluginConfig"
+ISTIO_PROXY_ONLY = frozenset({TCP_EXCHANGE, HTTP_EXCHANGE, ALPN, STATS})
+"""Extensions only istio-proxy has, as istiod names their config types (TypedStruct-wrapped or not)."""
+PEER_EXCHANGE_ALPN = "istio-peer-exchange"
+"""The ALPN that tells a peer's exchange filter to write its preamble (istiod: ``ALPNInMeshWithMxc``)."""
+ALPN_DROPPED = f"alpn {PEER_EXCHANGE_ALPN}"
+"""How a removed ALPN entry is counted next to the replaced filters."""
+_MARKERS = (*(name.encode() for name in ISTIO_PROXY_ONLY), PEER_EXCHANGE_ALPN.encode())
+_TLS_CONTEXTS = {
+    f"type.googleapis.com/{cls.DESCRIPTOR.full_name}": cls
+    for cls in (tls_pb2.UpstreamTlsContext, tls_pb2.DownstreamTlsContext)
+}
+_HCM = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+_TCP_PROXY = tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
+_TYPED_STRUCTS = (xds_typed_struct_pb2.TypedStruct, udpa_typed_struct_pb2.TypedStruct)
+
+
+@dataclass(frozen=True)
+class NodeExchange:
+    """What this proxy tells its peers: its node id and its ``x-envoy-peer-metadata`` value."""
+
+    node_id: str
+    header_value: str
+
+
+def _typed_struct(any_: any_pb2.Any) -> tuple[str, struct_pb2.Struct | None]:
+    name = any_.type_url.rsplit("/", 1)[-1]
+    for cls in _TYPED_STRUCTS:
+        if name == cls.DESCRIPTOR.full_name:
+            ts = cls()
+            any_.Unpack(ts)
+            return str(ts.type_url).rsplit("/", 1)[-1], ts.value
+    return name, None
+
+
+def config_type(any_: any_pb2.Any) -> str:
+    """A filter's real config type: istiod wraps out-of-tree extensions in a TypedStruct."""
+    return _typed_struct(any_)[0]
+
+
+def _http_filters(dicts: Sequence[dict[str, Any]]) -> list[hcm_pb2.HttpFilter]:
+    return [json_format.ParseDict(d, hcm_pb2.HttpFilter()) for d in dicts]
+
+
+def _access_logs(dicts: Sequence[dict[str, Any]]) -> list[accesslog_pb2.AccessLog]:
+    return [json_format.ParseDict(d, accesslog_pb2.AccessLog()) for d in dicts]
+
+
+class _Rewriter:
+    def __init__(self, node: NodeExchange | None) -> None:
+        self.node = node
+        self.counts: Counter[str] = Counter()
+
+    def transport_socket(self, ts: base_pb2.TransportSocket) -> None:
+        """Drop the exchange ALPN from a TLS transport socket; any other socket is left alone."""
+        cls = _TLS_CONTEXTS.get(ts.typed_config.type_url)
+        if cls is None or PEER_EXCHANGE_ALPN.encode() not in ts.typed_config.value:
+            return
+        ctx = cls()
+        ts.typed_config.Unpack(ctx)
+        alpn = ctx.common_tls_context.alpn_protocols
+        kept = [p for p in alpn if p != PEER_EXCHANGE_ALPN]
+        if len(kept) != len(alpn):
+            self.counts[ALPN_DROPPED] += len(alpn) - len(kept)
+            del alpn[:]
+            alpn.extend(kept)
+            ts.typed_config.Pack(ctx)
+
+    def http_filters(self, hcm: hcm_pb2.HttpConnectionManager, reporter: str) -> bool:
+        out: list[hcm_pb2.HttpFilter] = []
+        changed = False
+        for h in hcm.http_filters:
+            kind, value = _typed_struct(h.typed_config)
+            if kind not in ISTIO_PROXY_ONLY:
+                out.append(h)
+                continue
+            changed = True
+            self.counts[kind] += 1
+            if self.node is None:
+                continue
+            if kind == HTTP_EXCHANGE:
+                keys = set(value.fields) if value is not None else set()
+                inbound = any(k.startswith("downstream_") for k in keys)
+                make = filters.inbound_exchange if inbound else filters.outbound_exchange
+                out += _http_filters(make(self.node.node_id, self.node.header_value))
+            elif kind == ALPN:
+                out += _http_filters([filters.alpn_hint()])
+            elif kind == STATS:
+                hcm.access_log.extend(_access_logs([filters.http_stats(reporter)]))
+        if changed:
+            del hcm.http_filters[:]
+            hcm.http_filters.extend(out)
+        return changed
+
+    def chain(self, fc: listener_components_pb2.FilterChain, reporter: str) -> None:
+        if fc.HasField("transport_socket"):
+            self.transport_socket(fc.transport_socket)
+        kept: list[listener_components_pb2.Filter] = []
+        stats = False
+        for f in fc.filters:
+            kind = config_type(f.typed_config)
+            if kind in ISTIO_PROXY_ONLY:
+                self.counts[kind] += 1
+                stats = stats or kind == STATS
+                continue
+            kept.append(f)
+            if kind == _HCM:
+                hcm = hcm_pb2.HttpConnectionManager()
+                f.typed_config.Unpack(hcm)
+                if self.http_filters(hcm, reporter):
+                    f.typed_config.Pack(hcm)
+            elif kind == _TCP_PROXY and stats and self.node is not None:
+                tcp = tcp_proxy_pb2.TcpProxy()
+                f.typed_config.Unpack(tcp)
+                tcp.access_log.extend(_access_logs(filters.tcp_stats(reporter)))
+                tcp.access_log_options.flush_access_log_on_connected = True
+                f.typed_config.Pack(tcp)
+        if len(kept) != len(fc.filters):
+            del fc.filters[:]
+            fc.filters.extend(kept)
+
+    def listener(self, lis: listener_pb2.Listener) -> None:
+        # istio-proxy's stats filter takes its reporter from the listener's direction.
+        reporter = "destination" if lis.traffic_direction == base_pb2.INBOUND else "source"
+        for fc in lis.filter_chains:
+            self.chain(fc, reporter)
+        if lis.HasField("default_filter_chain"):
+            self.chain(lis.default_filter_chain, reporter)
+
+    def cluster(self, c: cluster_pb2.Cluster) -> None:
+        if c.HasField("transport_socket"):
+            self.transport_socket(c.transport_socket)
+        for match in c.transport_socket_matches:
+            self.transport_socket(match.transport_socket)
+        kept = []
+        for f in c.filters:
+            kind = config_type(f.typed_config)
+            if kind in ISTIO_PROXY_ONLY:
+                self.counts[kind] += 1
+            else:
+                kept.append(f)
+        if len(kept) != len(c.filters):
+            del c.filters[:]
+            c.filters.extend(kept)
+
+    def resource(self, any_: any_pb2.Any) -> None:
+        if not any(m in any_.value for m in _MARKERS):
+            return
+        if any_.type_url == LISTENER_TYPE_URL:
+            lis = listener_pb2.Listener()
+            any_.Unpack(lis)
+            self.listener(lis)
+            any_.Pack(lis)
+        elif any_.type_url == CLUSTER_TYPE_URL:
+            c = cluster_pb2.Cluster()
+            any_.Unpack(c)
+            self.cluster(c)
+            any_.Pack(c)
+
+
+def for_stock_envoy(
+    message: bytes, type_url: str, *, delta: bool, node: NodeExchange | None
+) -> tuple[bytes, dict[str, int]]:
+    """The response with Istio's filters replaced by stock ones and the exchange ALPN removed, and how many of
+    each were rewritten. ``node=None`` only removes (no exchange, ALPN hint or metrics).
+
+    Returns the original bytes untouched when the response is not LDS/CDS or holds none of them.
+    """
+    if type_url not in (LISTENER_TYPE_URL, CLUSTER_TYPE_URL) or not any(m in message for m in _MARKERS):
+        return message, {}
+    rewriter = _Rewriter(node)
+    if delta:
+        dresp = discovery_pb2.DeltaDiscoveryResponse.FromString(message)
+        for res in dresp.resources:
+            if res.HasField("resource"):
+                rewriter.resource(res.resource)
+        out = dresp.SerializeToString()
+    else:
+        resp = discovery_pb2.DiscoveryResponse.FromString(message)
+        for any_ in resp.resources:
+            rewriter.resource(any_)
+        out = resp.SerializeToString()
+    if not rewriter.counts:
+        return message, {}
+    return out, dict(rewriter.counts)
+
+
+def strip_istio_proxy_filters(message: bytes, type_url: str, *, delta: bool) -> tuple[bytes, dict[str, int]]:
+    """Only remove istio-proxy's filters and the exchange ALPN (what stock Envoy needs to accept the rest)."""
+    return for_stock_envoy(message, type_url, delta=delta, node=None)

@@ -1,0 +1,71 @@
+"""The xDS proxy's hook: fit each LDS/CDS response to the Envoy binary that will read it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
+
+from vm_agent.logs import get_logger
+from vm_agent.metrics import REGISTRY
+from vm_agent.telemetry.rewrite import NodeExchange, for_stock_envoy
+
+log = get_logger("telemetry")
+
+_REWRITTEN = Counter(
+    "vm_agent_telemetry_istio_proxy_filters_rewritten",
+    "istio-proxy-only filters replaced by stock ones (and exchange ALPN entries removed) in LDS/CDS, by type",
+    ["config_type"],
+    registry=REGISTRY,
+)
+
+
+class StockEnvoyAdapter:
+    """Rewrites istiod's istio-proxy filters for stock Envoy, unless the binary turns out to have them.
+
+    ``stock`` says whether the binary is stock Envoy: a bool, or a coroutine function that finds out (run once,
+    started by :meth:`start` so the answer is usually ready before istiod's first listeners arrive).
+    """
+
+    def __init__(self, node: NodeExchange, stock: bool | Callable[[], Awaitable[bool]]) -> None:
+        self._node = node
+        self._stock = stock
+        self._task: asyncio.Task[bool] | None = None
+        self._seen: set[str] = set()
+
+    def start(self) -> None:
+        if self._task is None and not isinstance(self._stock, bool):
+            self._task = asyncio.ensure_future(self._stock())
+
+    async def is_stock(self) -> bool:
+        if isinstance(self._stock, bool):
+            return self._stock
+        self.start()
+        assert self._task is not None
+        return await asyncio.shield(self._task)
+
+    async def __call__(self, message: bytes, type_url: str, delta: bool) -> bytes:
+        if not await self.is_stock():
+            return message
+        try:
+            out, counts = for_stock_envoy(message, type_url, delta=delta, node=self._node)
+        except DecodeError as exc:
+            log.warning("cannot inspect %s response, forwarding it as is: %s", type_url, exc)
+            return message
+        for kind, count in counts.items():
+            _REWRITTEN.labels(kind).inc(count)
+        if counts and not counts.keys() <= self._seen:
+            self._seen.update(counts)
+            log.info(
+                "replacing istio-proxy-only filters with stock Envoy ones: %s",
+                ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())),
+            )
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        done = self._task is not None and self._task.done() and not self._task.cancelled()
+        stock = self._stock if isinstance(self._stock, bool) else (self._task.result() if done and self._task else None)
+        return {"stock_envoy": stock, "rewritten_types": sorted(self._seen)}
