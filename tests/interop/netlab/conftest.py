@@ -9,6 +9,7 @@ import pytest
 
 from tests.interop.lab import Binaries, LabError, cache_dir
 from tests.interop.netlab import netns
+from tests.interop.netlab.ingress import IngressGateway
 from tests.interop.netlab.multinet import MultiNetwork
 from tests.interop.netlab.world import NetLab, missing_tools
 
@@ -49,6 +50,17 @@ def multinet(lab: NetLab) -> Iterator[MultiNetwork]:
         yield net
     finally:
         net.stop()
+
+
+@pytest.fixture(scope="session")
+def ingress(lab: NetLab) -> Iterator[IngressGateway]:
+    """An ingress gateway VM in front of forum (the gateway role on its own)."""
+    gw = IngressGateway(lab)
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

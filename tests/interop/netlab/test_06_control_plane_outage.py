@@ -73,7 +73,7 @@ def _outage(lab: NetLab, key: str, cut: Callable[[], None], restore: Callable[[]
             lab.cp.apply(_service(new_service))  # the kube-apiserver is still there: a change istiod must deliver later
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - t_cut)))
             restore()
-            t_back = time.monotonic()
+            t_back, wall_back = time.monotonic(), time.time()
             lab.until(
                 lambda: _all_upstreams_connected(lab), 120, "every VM's agent connected to istiod again", interval=0.5
             )
@@ -87,7 +87,13 @@ def _outage(lab: NetLab, key: str, cut: Callable[[], None], restore: Callable[[]
             change_s = time.monotonic() - t_back
             time.sleep(1)
         for s in streams:
-            assert not s.failures(), (s.args, s.failures()[:5])
+            bad = s.failures()
+            when = [round(r["t0"] - wall_back, 2) for r in bad]
+            assert not bad, (
+                s.args,
+                f"{len(bad)} failed, from {min(when)} s to {max(when)} s after the restore",
+                bad[:3],
+            )
         # How many xDS streams each VM had to open again (0: its stream to istiod outlived the outage).
         after = _stream_totals(lab)
         lab.figures.record(f"{key}_new_xds_streams", {vm: after[vm] - before[vm] for vm in before})

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.interop.lab import (
     CLUSTER_ID,
@@ -40,7 +40,9 @@ from tests.interop.lab import (
 from tests.interop.netlab.netns import Host, Topology
 from tests.interop.netlab.vm import HTTP_PORT, TCP_PORT, Vm, lab_python
 
+T = TypeVar("T")
 NET = "10.77.0.0/24"
+HELM_DEFAULT_MESH = "defaultProviders:\n  metrics:\n  - prometheus\n"
 ISTIOD_IP = "10.77.0.2"
 DNS_IP = "10.77.0.53"
 OUTSIDE_NAME = "outsider.lab.test"
@@ -168,6 +170,8 @@ class NetLab:
         with self.stage("control plane"):
             (self.work / "cp").mkdir()
             self.cp = ControlPlane(bins=self.bins, work=self.work / "cp", netns=cluster)
+            # As a default install has it (helm's telemetry.v2.prometheus.enabled): istiod pushes Istio's metrics.
+            self.cp.mesh_extra = HELM_DEFAULT_MESH
             self.cp.start()
         with self.stage("Istio objects applied and seen by istiod"):
             self._apply_objects(outsider)
@@ -330,6 +334,11 @@ class NetLab:
     def versions(self, client: Vm, url: str, count: int) -> set[str | None]:
         """Which versions answered a fresh batch of ``count`` requests (None for a failed request)."""
         return {r.get("version") for r in client.app("get", url=url, count=count, timeout=3)["results"]}
+
+    def until_value(self, check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
+        """``check``'s first non-empty value within ``timeout``."""
+        value: T = wait_until(check, timeout, what, interval)
+        return value
 
     def until(self, check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> float:
         """Seconds until ``check`` holds."""
