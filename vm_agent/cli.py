@@ -90,10 +90,12 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 
 def cmd_version(ns: argparse.Namespace) -> int:
+    # The interpreter too: the package runs on whichever supported CPython the machine has.
+    python = ".".join(map(str, sys.version_info[:3]))
     if ns.json:
-        print(json.dumps({"version": __version__, "istio_compat": ISTIO_COMPAT_VERSION}))
+        print(json.dumps({"version": __version__, "istio_compat": ISTIO_COMPAT_VERSION, "python": python}))
     else:
-        print(f"vm-agent {__version__} (speaks Istio {ISTIO_COMPAT_VERSION} agent protocols)")
+        print(f"vm-agent {__version__} (speaks Istio {ISTIO_COMPAT_VERSION} agent protocols; Python {python})")
     return EXIT_OK
 
 
