@@ -104,10 +104,12 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
 
 def cmd_version(ns: argparse.Namespace) -> int:
+    # The interpreter too: the package runs on whichever supported CPython the machine has.
+    python = ".".join(map(str, sys.version_info[:3]))
     if ns.json:
-        print(json.dumps({"version": __version__, "istio_compat": ISTIO_COMPAT_VERSION}))
+        print(json.dumps({"version": __version__, "istio_compat": ISTIO_COMPAT_VERSION, "python": python}))
     else:
-        print(f"vm-agent {__version__} (speaks Istio {ISTIO_COMPAT_VERSION} agent protocols)")
+        print(f"vm-agent {__version__} (speaks Istio {ISTIO_COMPAT_VERSION} agent protocols; Python {python})")
     return EXIT_OK
 
 
@@ -177,6 +179,9 @@ def cmd_mesh(ns: argparse.Namespace) -> int:
     if what in ("apply", "delete"):
         fn = mesh_cli.mesh_apply if what == "apply" else mesh_cli.mesh_delete
         return asyncio.run(fn(ns.file, admin_url=ns.admin_url, state=ns.state))
+    if ns.cloud_init != (ns.package is not None):
+        print("vm-agent mesh vm-files: --cloud-init and --package URL_OR_PATH go together", file=sys.stderr)
+        return EXIT_PROBLEMS
     return asyncio.run(
         mesh_cli.mesh_vm_files(
             state=ns.state,
@@ -191,6 +196,7 @@ def cmd_mesh(ns: argparse.Namespace) -> int:
             capture_dns=ns.capture_dns,
             admin_url=ns.admin_url,
             manifests=ns.manifests,
+            cloud_init_package=ns.package if ns.cloud_init else None,
         )
     )
 
@@ -226,6 +232,12 @@ def _add_mesh_parsers(p: argparse.ArgumentParser) -> None:
     v.add_argument("--autoregister", action="store_true")
     v.add_argument("--capture-dns", action=argparse.BooleanOptionalAction, default=True)
     v.add_argument("--manifests", type=Path, help="read the WorkloadGroup from this folder instead of the admin API")
+    v.add_argument(
+        "--cloud-init",
+        action="store_true",
+        help="also write user-data: a #cloud-config placing the files, installing --package, starting vm-agent",
+    )
+    v.add_argument("--package", metavar="URL_OR_PATH", help="where the VM gets vm-agent's deb or rpm (--cloud-init)")
     for sp in (g, *[msub.choices[n] for n in ("apply", "delete")], v):
         sp.add_argument(
             "--state", type=Path, required=sp is v, help="the mesh's state folder (finds its admin address)"

@@ -157,6 +157,28 @@ def _get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:
         return 0, b""
 
 
+def try_commands(status_url: str, dns_port: int, name: str, service_url: str, admin: str) -> list[str]:
+    """What to try next, each with a command this machine has: dig and curl are often missing on a
+    fresh one, while the demo's own interpreter (with dnslib) and vm-agent are always there."""
+    python = sys.executable
+    beside = Path(python).with_name("vm-agent")
+    agent = "vm-agent" if shutil.which("vm-agent") else (str(beside) if beside.is_file() else f"{python} -m vm_agent")
+    if shutil.which("dig"):
+        query = f"dig @127.0.0.1 -p {dns_port} {name}"
+    else:
+        query = f"{python} -m dnslib.client --short -s 127.0.0.1:{dns_port} {name}"
+    if shutil.which("curl"):
+        fetch = f"curl {service_url}"
+    else:
+        fetch = f"{python} -c \"import urllib.request; print(urllib.request.urlopen('{service_url}').read().decode())\""
+    return [
+        f"{agent} status --url {status_url}",
+        query,
+        fetch,
+        f"{agent} mesh get workloadentries --admin-url {admin}",
+    ]
+
+
 def _say(mark: str, text: str) -> None:
     print(f"  {mark} {text}", flush=True)
 
@@ -344,16 +366,11 @@ async def demo(workdir: Path, once: bool) -> int:
         _say("✓", f"hello VM: {status_url}/stats/prometheus has Istio's metrics:")
         _say(" ", metric)
 
-        print(
-            "\nvm-agent is running. Try:\n"
-            f"  vm-agent status --url {status_url}\n"
-            f"  dig @127.0.0.1 -p {hello['dns']} {name}\n"
-            f"  curl http://127.0.0.1:{service_port}/\n"
-            f"  curl -s {status_url}/stats/prometheus | grep istio_requests_total\n"
-            f"  vm-agent mesh get workloadentries --admin-url {admin}\n"
-            f"logs: {workdir}/{{hello,client,mesh}}.log",
-            flush=True,
-        )
+        print("\nvm-agent is running. Try:", flush=True)
+        for hint in try_commands(status_url, hello["dns"], name, f"http://127.0.0.1:{service_port}/", admin):
+            print(f"  {hint}", flush=True)
+        print(f"  (Istio's metrics: {status_url}/stats/prometheus, lines starting istio_)", flush=True)
+        print(f"logs: {workdir}/{{hello,client,mesh}}.log", flush=True)
         if not once:
             print("Ctrl-C stops the agents (each reports not-ready, drains Envoy, then exits).", flush=True)
             stop = asyncio.Event()

@@ -51,6 +51,21 @@ fi
 chown istio-proxy:istio-proxy /etc/certs /var/lib/istio/envoy /var/lib/istio/config \
     /var/lib/istio/proxy /etc/istio/proxy /etc/istio/config /var/run/secrets
 
+# Byte-compile the modules for every supported interpreter on this machine, like Debian's py3compile:
+# the package ships sources only (one .pyc set per Python version would multiply its size), and the
+# unit's read-only /usr would otherwise make Python compile everything in memory at every start.
+# Hash-checked .pyc files stay valid whatever mtimes the package manager gave the sources.
+# Stale ones go first: after an rpm upgrade nothing else removes them, and the folders the new
+# version dropped must empty out.
+lib=/usr/lib/vm-agent
+find "$lib" -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
+for abi in "$lib"/cp3*; do
+    [ -d "$abi" ] || continue
+    python=$(command -v "python3.${abi##*/cp3}" 2>/dev/null) || continue
+    "$python" -m compileall -q -j 0 --invalidation-mode checked-hash "$lib/site-packages" "$abi" "$lib/main.py" \
+        >/dev/null 2>&1 || echo "vm-agent: byte-compiling for $python failed; the agent still runs (slower start)" >&2
+done
+
 # Like istio-sidecar, the unit is never enabled or started by the package; an upgrade restarts it
 # only if it was running, so the new code takes over.
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then

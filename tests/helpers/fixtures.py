@@ -8,9 +8,7 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def shared_dir() -> Path:
-    for candidate in (_REPO.parent / "shared", Path("/work/shared")):
-        if (candidate / "fixtures").is_dir():
-            return candidate
+    """``../shared`` beside the checkout; never a fixed absolute path (a fresh clone has its own)."""
     return _REPO.parent / "shared"
 
 

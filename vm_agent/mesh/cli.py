@@ -1,7 +1,8 @@
 """Back-ends of ``vm-agent mesh ...`` (argument parsing lives in vm_agent/cli.py).
 
 ``serve`` runs the local mesh; ``get``/``apply``/``delete`` talk to its admin API kubectl-style;
-``vm-files`` writes what ``istioctl x workload entry configure`` would."""
+``vm-files`` writes what ``istioctl x workload entry configure`` would (and, with ``--cloud-init``, the
+same as a cloud-init user-data)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Any, TextIO
 import aiohttp
 import yaml
 
+from vm_agent.files import atomic_write
 from vm_agent.logs import get_logger
 from vm_agent.mesh.ca import MeshCA
+from vm_agent.mesh.cloudinit import CloudInitError, render_cloud_config
 from vm_agent.mesh.settings import MeshSettings, split_host_port
 from vm_agent.mesh.store import ManifestErrors, parse_yaml
 from vm_agent.mesh.tokens import ServiceAccountIssuer
@@ -27,6 +30,7 @@ log = get_logger("mesh.cli")
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:15014"
 RUNTIME_FILE = "mesh.json"
+USER_DATA = "user-data"  # the name a NoCloud seed gives it
 GET_KINDS = ("workloadentries", "proxies", "nametable")
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -288,8 +292,10 @@ async def mesh_vm_files(
     capture_dns: bool = True,
     admin_url: str | None = None,
     manifests: Path | None = None,
+    cloud_init_package: str | None = None,
 ) -> int:
-    """``vm-agent mesh vm-files``: the five files of ``istioctl x workload entry configure``."""
+    """``vm-agent mesh vm-files``: the five files of ``istioctl x workload entry configure``; with
+    ``cloud_init_package`` also ``user-data``, a #cloud-config placing them and installing that package."""
     try:
         info = runtime_info(state)
         base = admin_url_for(admin_url, state)
@@ -334,8 +340,11 @@ async def mesh_vm_files(
             xds_port=xds_port,
         )
         files = render_vm_files(wg, token, ca.root_cert_pem, opts)
+        user_data = render_cloud_config(files, cloud_init_package) if cloud_init_package is not None else None
         write_vm_files(out, files)
-    except (MeshCliError, VmFilesError, ManifestErrors, OSError, ValueError) as e:
+        if user_data is not None:
+            atomic_write(out / USER_DATA, user_data.encode(), 0o600)
+    except (MeshCliError, VmFilesError, CloudInitError, ManifestErrors, OSError, ValueError) as e:
         print(f"vm-agent mesh vm-files: {e}", file=sys.stderr)
         return 1
     if not opts.ingress_ip:
@@ -345,4 +354,6 @@ async def mesh_vm_files(
         f"{out / 'istio-token'}; it must be copied to the VM and protected",
         file=sys.stderr,
     )
+    if user_data is not None:
+        print(f"cloud-init user-data (holds the token too) written to {out / USER_DATA}", file=sys.stderr)
     return 0

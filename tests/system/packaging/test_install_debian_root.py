@@ -1,4 +1,5 @@
-"""Install, upgrade and remove the deb in a throwaway Debian bookworm root (debootstrap, chroot).
+"""Install, upgrade and remove the deb in a throwaway Debian bookworm root (debootstrap, chroot), and
+how the launcher picks an interpreter there.
 
 Everything runs inside a network namespace this test creates, so the capture rules the agent
 applies and the package's removal cleans up never touch the host's netfilter tables.
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.fixtures import ISTIOCTL_FIXTURES
 from tests.system.packaging.conftest import Chroot, Packages
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
-FIXTURE = Path("/work/shared/fixtures/istioctl/ipv4")
+FIXTURE = ISTIOCTL_FIXTURES / "ipv4"
 
 
 def test_install_upgrade_remove_in_debian_root(packages: Packages, debian_root: Path, netns: str) -> None:
@@ -33,7 +35,8 @@ def test_install_upgrade_remove_in_debian_root(packages: Packages, debian_root: 
     assert int(user[2]) < 1000, f"istio-proxy is not a system user: uid {user[2]}"
     uid, gid = int(user[2]), int(user[3])
     assert box.run("getent", "group", "istio-proxy").stdout.split(":")[2] == str(gid)
-    assert box.path("/etc/istio").is_symlink() and Path(box.path("/etc/istio").readlink()) == Path("/var/lib/istio")
+    etc_istio = box.root / "etc/istio"
+    assert etc_istio.is_symlink() and Path(etc_istio.readlink()) == Path("/var/lib/istio")
     for folder in (
         "/var/lib/istio/envoy",
         "/var/lib/istio/config",
@@ -47,7 +50,22 @@ def test_install_upgrade_remove_in_debian_root(packages: Packages, debian_root: 
     assert not box.path("/etc/systemd/system/multi-user.target.wants/vm-agent.service").exists()
 
     out = box.run("vm-agent", "version").stdout
-    assert out.startswith(f"vm-agent {packages.version} "), out
+    assert out.startswith(f"vm-agent {packages.version} ") and "Python 3.11." in out, out
+    # Compiled at install for bookworm's python3, nothing shipped compiled.
+    assert box.path("/usr/lib/vm-agent/site-packages/vm_agent/__pycache__/cli.cpython-311.pyc").is_file()
+
+    # The launcher prefers /usr/bin/python3, else the newest python3.X it has modules for, else it
+    # says what to install (here: without /usr/bin/python3, then without python3.11 too).
+    python3 = box.root / "usr/bin/python3"
+    python3.rename(python3.with_name("python3.moved"))
+    assert "Python 3.11." in box.run("vm-agent", "version").stdout
+    python311 = box.root / "usr/bin/python3.11"
+    python311.rename(python311.with_name("python3.11.moved"))
+    missing = box.run("vm-agent", "version", expect=1)
+    assert "needs CPython 3.11, 3.12" in missing.stderr and "there is no /usr/bin/python3" in missing.stderr
+    assert "install one, for example: apt-get install python3.11" in missing.stderr, missing.stderr
+    python311.with_name("python3.11.moved").rename(python311)
+    python3.with_name("python3.moved").rename(python3)
 
     # istioctl's files where the VM guide puts them; the placeholder root cert is reported by path.
     shutil.copy(FIXTURE / "cluster.env", box.path("/var/lib/istio/envoy/cluster.env"))
@@ -71,6 +89,7 @@ def test_install_upgrade_remove_in_debian_root(packages: Packages, debian_root: 
     removed = box.run("dpkg", "-r", "vm-agent")
     assert "failed" not in removed.stderr, removed.stderr
     assert "VMAGENT" not in box.rules(), "removal left capture rules behind"
+    # The compiled modules the post-install made went with the package.
     for gone in (
         "/usr/bin/vm-agent",
         "/usr/lib/vm-agent",

@@ -1,148 +1,106 @@
-"""The deb's scripts against a real systemd: boot a Debian root with systemd-nspawn, install, start,
-upgrade (try-restart), remove (stop + capture cleanup).
+"""The deb on a real systemd, with the real agent: boot a Debian root with systemd-nspawn (bookworm's
+python3 3.11, trixie's 3.13), install, start, upgrade (try-restart), remove (stop + capture cleanup),
+purge.
 
-The agent itself would need a reachable istiod to get ready, so a drop-in replaces only its
-ExecStart with a stand-in process; the unit's own capture hooks (``vm-agent netfilter apply`` before
-start, ``cleanup`` after stop), user and hardening stay real. The container has a private network,
-so every rule lands in its own namespace.
+The agent reaches the local mesh over a veth (tests/system/packaging/vmlab.py), so ``systemctl start``
+returns only once the unit's hardened agent got its certificate and its Envoy is live (Type=notify):
+the unit's sandbox, user, sockets and capture hooks are all exercised as they ship.
 """
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.system.packaging.conftest import CLEAN_ENV, Packages
+from tests.system.packaging.conftest import CLEAN_ENV, RELEASES, Packages, RootFactory, missing_tool
+from tests.system.packaging.vmlab import Booted, booted, mesh_link, place_vm_files, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
-FIXTURE = Path("/work/shared/fixtures/istioctl/ipv4")
-STAND_IN = """\
-[Service]
-Type=simple
-WatchdogSec=0
-ExecStart=
-ExecStart=/usr/bin/sleep infinity
-"""
+
+def _live(box: Booted) -> dict[str, object] | None:
+    doc = box.status()
+    if doc and (doc.get("ready") or {}).get("ready") and (doc.get("identity") or {}).get("spiffe_id"):
+        return doc
+    return None
 
 
-class Booted:
-    def __init__(self, root: Path, leader: int) -> None:
-        self.root = root
-        self.leader = leader
-
-    def run(self, *cmd: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
-        full = ["nsenter", "-t", str(self.leader), "-a", *CLEAN_ENV, *cmd]
-        done = subprocess.run(full, capture_output=True, text=True, timeout=120, check=False)
-        if expect is not None:
-            assert done.returncode == expect, f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-        return done
-
-    def show(self, prop: str) -> str:
-        return self.run("systemctl", "show", "-p", prop, "--value", "vm-agent.service").stdout.strip()
-
-    def rules(self) -> str:
-        return self.run("iptables-save").stdout
-
-    def stand_ins(self) -> list[int]:
-        return [
-            p.pid
-            for p in psutil.Process(self.leader).children(recursive=True)
-            if p.cmdline() == ["/usr/bin/sleep", "infinity"]
-        ]
-
-
-@pytest.fixture
-def booted(systemd_root: Path, packages: Packages) -> Iterator[Booted]:
-    root = systemd_root
-    shutil.copy(packages.deb, root / "var" / "tmp" / "vm-agent.deb")
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_install_start_upgrade_remove_purge(
+    release: str, make_root: RootFactory, packages: Packages, tmp_path: Path
+) -> None:
+    reason = missing_tool("systemd-nspawn", "nsenter")
+    if reason:
+        pytest.skip(reason)
+    root = make_root(release)
+    # This root boots without a cloud: cloud-init (trixie's) stays out of the way.
+    (root / "etc/cloud").mkdir(parents=True, exist_ok=True)
+    (root / "etc/cloud/cloud-init.disabled").touch()
     # /var/tmp: the booted container mounts a fresh tmpfs on /tmp.
+    shutil.copy(packages.deb, root / "var/tmp/vm-agent.deb")
     # Installed before boot, like an image build: the scripts must cope with no running systemd.
     done = subprocess.run(
         ["chroot", str(root), *CLEAN_ENV, "dpkg", "-i", "/var/tmp/vm-agent.deb"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
-    assert done.returncode == 0, done.stderr
-    shutil.copy(FIXTURE / "cluster.env", root / "var/lib/istio/envoy/cluster.env")
-    shutil.copy(FIXTURE / "mesh.yaml", root / "var/lib/istio/config/mesh")
-    shutil.copy(FIXTURE / "root-cert.pem", root / "etc/certs/root-cert.pem")
-    dropin = root / "etc/systemd/system/vm-agent.service.d"
-    dropin.mkdir(parents=True)
-    (dropin / "stand-in.conf").write_text(STAND_IN)
+    assert done.returncode == 0, done.stdout + done.stderr
 
-    name = f"vmpkg-{secrets.token_hex(3)}"
-    nspawn = subprocess.Popen(
-        [
-            "systemd-nspawn",
-            "-b",
-            "-D",
-            str(root),
-            "--private-network",
-            "--console=pipe",
-            "-M",
-            name,
-            "--register=no",
-            "--keep-unit",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        leader = 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and nspawn.poll() is None:
-            kids = psutil.Process(nspawn.pid).children()
-            if kids:
-                box = Booted(root, kids[0].pid)
-                state = box.run("systemctl", "is-system-running", expect=None).stdout.strip()
-                if state in ("running", "degraded"):
-                    leader = kids[0].pid
-                    break
-            time.sleep(0.3)
-        assert leader, f"the container's systemd did not come up (nspawn rc {nspawn.poll()})"
-        yield Booted(root, leader)
-    finally:
-        nspawn.terminate()  # nspawn asks the container's systemd for an orderly shutdown
-        try:
-            nspawn.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            nspawn.kill()
-            nspawn.wait(timeout=10)
+    with mesh_link(tmp_path) as link:
+        place_vm_files(root, link.vm_files(tmp_path / "vm-files"))
+        with booted(root, link.vm_netns_path) as box:
+            assert box.run("systemctl", "is-enabled", "vm-agent.service", expect=None).stdout.strip() == "disabled"
+            assert box.show("ActiveState") == "inactive", "installing must not start the agent"
+            # /run is a fresh tmpfs after boot: the packaged tmpfiles.d entry recreated the secrets folder.
+            assert box.run("stat", "-c", "%U:%G", "/run/secrets").stdout.strip() == "istio-proxy:istio-proxy"
+            box.run(
+                "install", "-D", "-m", "0600", "-o", "istio-proxy", "-g", "istio-proxy",
+                "/var/tmp/istio-token", "/var/run/secrets/tokens/istio-token",
+            )  # fmt: skip
 
+            # The release's own interpreter runs the agent, with the modules compiled for it at install.
+            python = box.run("python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])").stdout.strip()
+            assert python == RELEASES[release].python
+            version = box.run("vm-agent", "version").stdout
+            assert f"vm-agent {packages.version} " in version and f"Python {python}." in version, version
+            tag = python.replace(".", "")
+            assert (root / f"usr/lib/vm-agent/site-packages/vm_agent/__pycache__/cli.cpython-{tag}.pyc").is_file()
+            check = box.run("vm-agent", "check")
+            assert "no problems" in check.stdout, check.stdout
 
-def test_upgrade_restarts_a_running_agent_and_removal_stops_it(booted: Booted) -> None:
-    assert booted.run("systemctl", "is-enabled", "vm-agent.service", expect=None).stdout.strip() == "disabled"
-    assert booted.show("ActiveState") == "inactive", "installing must not start the agent"
-    # /run is a fresh tmpfs after boot: the packaged tmpfiles.d entry recreated the secrets folder.
-    assert booted.run("stat", "-c", "%U:%G", "/run/secrets").stdout.strip() == "istio-proxy:istio-proxy"
+            box.run("systemctl", "start", "vm-agent.service")  # Type=notify: returns once Envoy is live
+            first = int(box.show("MainPID"))
+            assert first > 0 and box.show("ActiveState") == "active"
+            assert "VMAGENT" in box.rules(), "ExecStartPre did not apply the capture rules"
+            doc = wait_until(lambda: _live(box), 30, "the agent's status to say ready", box.journal)
+            assert doc["envoy"]["state"] == "running", doc["envoy"]  # type: ignore[index]
+            assert list(box.agents()) == [first]
+            assert box.agents()[first].uids().real != 0, "the agent runs as root"
 
-    booted.run("systemctl", "start", "vm-agent.service")
-    first = int(booted.show("MainPID"))
-    assert first > 0 and booted.show("ActiveState") == "active"
-    assert "VMAGENT" in booted.rules(), "ExecStartPre did not apply the capture rules"
+            box.run("dpkg", "-i", "/var/tmp/vm-agent.deb", timeout=300)
+            second = int(box.show("MainPID"))
+            assert box.show("ActiveState") == "active"
+            assert second > 0 and second != first, "the upgrade did not restart the running agent"
+            # try-restart returned once the new agent was ready: the old one and its Envoy are gone.
+            assert list(box.agents()) == [second], "the old agent survived the restart"
+            assert len(box.envoys()) == 1, list(box.envoys())
+            assert "VMAGENT" in box.rules(), "rules missing after the upgrade's restart"
 
-    booted.run("dpkg", "-i", "/var/tmp/vm-agent.deb")
-    second = int(booted.show("MainPID"))
-    assert booted.show("ActiveState") == "active"
-    assert second > 0 and second != first, "the upgrade did not restart the running agent"
-    assert "VMAGENT" in booted.rules(), "rules missing after the upgrade's restart"
-    assert len(booted.stand_ins()) == 1, "the old process survived the restart"
+            box.run("dpkg", "-r", "vm-agent", timeout=300)
+            assert not box.agents() and not box.envoys(), "a process of the unit survived the removal"
+            assert "VMAGENT" not in box.rules(), "the removal left capture rules"
+            assert box.run("systemctl", "is-active", "vm-agent.service", expect=None).stdout.strip() in (
+                "inactive",
+                "unknown",
+            )
+            assert not (root / "usr/lib/vm-agent").exists(), "the removal left compiled modules behind"
+            assert (root / "var/lib/vm-agent").is_dir(), "removal (not purge) must keep the agent's key"
 
-    booted.run("dpkg", "-r", "vm-agent")
-    assert booted.stand_ins() == [], "a process of the unit survived the removal"
-    assert "VMAGENT" not in booted.rules(), "the removal left capture rules"
-    assert booted.run("systemctl", "is-active", "vm-agent.service", expect=None).stdout.strip() in (
-        "inactive",
-        "unknown",
-    )
+            box.run("dpkg", "-P", "vm-agent")
+            assert not (root / "var/lib/vm-agent").exists(), "purge keeps the agent's state folder"
+            assert box.run("dpkg-query", "-W", "vm-agent", expect=None).returncode != 0
