@@ -211,8 +211,8 @@ class MultiNetwork:
             assert res.returncode == 0, res.stderr + res.stdout
         for gw in self.gateways.values():
             gw.start_agent()
-        self.ledger.start_app()
         self.ledger.start_agent()
+        self.ledger.start_app()
         lab.vms["ledger"] = self.ledger
         for gw in self.gateways.values():
             lab.until(functools.partial(_live, gw), 90, f"{gw.name}'s Envoy LIVE")

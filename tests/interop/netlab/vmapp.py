@@ -79,9 +79,16 @@ def make_http_server(state: State, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+        def server_bind(self) -> None:
+            # HTTPServer.server_bind asks DNS for the bind address's name (getfqdn): not worth a lookup.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = "vmapp", port
+
+    server = Server(("0.0.0.0", port), Handler)
     return server
 
 

@@ -187,8 +187,8 @@ class NetLab:
         with self.stage("apps and agents started"):
             # Started from this thread: a parent-death signal fires when the *thread* that forked the child ends.
             for vm in self.vms.values():
-                vm.start_app()
                 vm.start_agent()
+                vm.start_app()
         with self.stage("VMs registered, Healthy, serving"):
             for vm in self.vms.values():
                 self.wait_healthy(vm, True, 120)
