@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 
-from tests.interop.netlab.world import FORUM_HOST, NetLab
+from tests.interop.netlab.world import FORUM_HOST, NetLab, forum_by_version, remove_forum_routing
 
 pytestmark = [pytest.mark.interop]
 URL = f"http://{FORUM_HOST}/"
-
-
-def _virtual_service(v1: int, v2: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "forum", "namespace": "forum"},
-        "spec": {
-            "hosts": [FORUM_HOST],
-            "http": [
-                {
-                    "route": [
-                        {"destination": {"host": FORUM_HOST, "subset": "v1"}, "weight": v1},
-                        {"destination": {"host": FORUM_HOST, "subset": "v2"}, "weight": v2},
-                    ]
-                }
-            ],
-        },
-    }
 
 
 def _route_weights(lab: NetLab) -> dict[str, int]:
@@ -57,18 +37,7 @@ def test_weighted_shift_then_full_cutover(lab: NetLab) -> None:
     for vm, version in (("forum-v1", "v1"), ("forum-v2", "v2")):
         entry = lab.entry(lab.vms[vm])
         assert entry is not None and entry["spec"]["labels"].get("version") == version, entry
-    cp.apply(
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "DestinationRule",
-            "metadata": {"name": "forum", "namespace": "forum"},
-            "spec": {
-                "host": FORUM_HOST,
-                "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
-            },
-        },
-        _virtual_service(80, 20),
-    )
+    cp.apply(*forum_by_version(80, 20))
     webapp = lab.vms["webapp"]
     try:
         lab.until(lambda: _route_weights(lab) == {"v1": 80, "v2": 20}, 30, "webapp's Envoy to hold the 80/20 route")
@@ -79,7 +48,7 @@ def test_weighted_shift_then_full_cutover(lab: NetLab) -> None:
         lab.figures.record("traffic_shift_80_20_v1_pct_of_1000", round(v1_share, 1))
 
         t0 = time.monotonic()
-        cp.apply(_virtual_service(0, 100))
+        cp.apply(*forum_by_version(0, 100))
         lab.until(lambda: _route_weights(lab).get("v1", 0) == 0, 30, "webapp's Envoy to hold the 0/100 route")
         config_s = time.monotonic() - t0
 
@@ -95,6 +64,5 @@ def test_weighted_shift_then_full_cutover(lab: NetLab) -> None:
             r for r in after if r.get("version") != "v2"
         ][:5]
     finally:
-        cp.kubectl("-n", "forum", "delete", "virtualservice", "forum", "--ignore-not-found")
-        cp.kubectl("-n", "forum", "delete", "destinationrule", "forum", "--ignore-not-found")
+        remove_forum_routing(cp)
     lab.wait_serving(webapp, URL, {"v1", "v2"}, 30)

@@ -20,7 +20,7 @@ from tests.interop.netlab.multinet import (
     gateway_service,
 )
 from tests.interop.netlab.vm import HTTP_PORT, PROXY_UID
-from tests.interop.netlab.world import FORUM_HOST, NetLab, RequestStream
+from tests.interop.netlab.world import FORUM_HOST, NetLab, RequestStream, forum_by_version, remove_forum_routing
 
 pytestmark = [pytest.mark.interop]
 FORUM_URL = f"http://{FORUM_HOST}/"
@@ -141,21 +141,8 @@ def test_traffic_shift_across_networks(lab: NetLab, multinet: MultiNetwork) -> N
     """80/20 by subset from the VM on vm-net: the subset's SNI (outbound_.80_.v1_.forum...) picks the gateway's
     subset cluster."""
     assert lab.cp is not None and multinet.ledger is not None
-    from tests.interop.netlab.test_04_traffic_shift import _virtual_service
-
     cp, ledger = lab.cp, multinet.ledger
-    cp.apply(
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "DestinationRule",
-            "metadata": {"name": "forum", "namespace": "forum"},
-            "spec": {
-                "host": FORUM_HOST,
-                "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
-            },
-        },
-        _virtual_service(80, 20),
-    )
+    cp.apply(*forum_by_version(80, 20))
     try:
         subset_cluster = f"outbound|80|v1|{FORUM_HOST}"
         lab.until(
@@ -170,6 +157,5 @@ def test_traffic_shift_across_networks(lab: NetLab, multinet: MultiNetwork) -> N
         assert 75.0 <= share <= 85.0, share
         lab.figures.record("multinet_traffic_shift_80_20_v1_pct_of_1000", round(share, 1))
     finally:
-        cp.kubectl("-n", "forum", "delete", "virtualservice", "forum", "--ignore-not-found")
-        cp.kubectl("-n", "forum", "delete", "destinationrule", "forum", "--ignore-not-found")
+        remove_forum_routing(cp)
     lab.wait_serving(ledger, FORUM_URL, {"v1", "v2"}, 30)

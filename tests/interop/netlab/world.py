@@ -128,6 +128,43 @@ def group_objects(
     ]
 
 
+def forum_by_version(v1: int, v2: int) -> list[dict[str, Any]]:
+    """The VM guide's migration step: a DestinationRule with subsets by ``version`` and a VirtualService that
+    weighs them ``v1``/``v2``."""
+    return [
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": "forum", "namespace": "forum"},
+            "spec": {
+                "host": FORUM_HOST,
+                "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
+            },
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "forum", "namespace": "forum"},
+            "spec": {
+                "hosts": [FORUM_HOST],
+                "http": [
+                    {
+                        "route": [
+                            {"destination": {"host": FORUM_HOST, "subset": "v1"}, "weight": v1},
+                            {"destination": {"host": FORUM_HOST, "subset": "v2"}, "weight": v2},
+                        ]
+                    }
+                ],
+            },
+        },
+    ]
+
+
+def remove_forum_routing(cp: ControlPlane) -> None:
+    cp.kubectl("-n", "forum", "delete", "virtualservice", "forum", "--ignore-not-found")
+    cp.kubectl("-n", "forum", "delete", "destinationrule", "forum", "--ignore-not-found")
+
+
 class NetLab:
     """Builds the lab (``start``) and tears every piece down (``destroy``), also after a failure half-way."""
 
