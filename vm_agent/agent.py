@@ -29,7 +29,7 @@ from vm_agent.logs import get_logger
 from vm_agent.netfilter import CaptureService, CaptureSettings
 from vm_agent.status import StatusServer, StatusSettings, notify, watchdog_loop
 from vm_agent.upstream import UpstreamSettings
-from vm_agent.xds import Proxy, XdsSettings
+from vm_agent.xds import Proxy, ReportPolicy, XdsSettings
 
 log = get_logger("agent")
 
@@ -170,7 +170,8 @@ class Agent:
                 socket_path=config.paths.xds_socket,
                 upstream=upstream_settings(config, for_ca=False),
                 dns_enabled=self.dns is not None,
-                health_heartbeat_s=config.agent.health_heartbeat_s,
+                health=ReportPolicy(heartbeat_s=config.agent.health_heartbeat_s),
+                instance_ip=config.node.instance_ips[0] if config.node.instance_ips else None,
                 # Stock Envoy (what we ship) cannot load istio-proxy's telemetry filters; an istio-proxy binary can.
                 strip_istio_proxy_filters=config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "true").lower()
                 not in ("false", "0", "no"),

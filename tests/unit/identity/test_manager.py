@@ -211,9 +211,9 @@ async def test_new_token_is_picked_up_without_restart(
     tmp_path: Path, ca_server: LocalCAServer, identity_logs: pytest.LogCaptureFixture
 ) -> None:
     # A slow backoff: only the file watch can explain a quick recovery.
-    from vm_agent.identity.manager import Backoff
+    from vm_agent.backoff import FullJitterBackoff
 
-    manager = SecretManager(identity_settings(tmp_path, ca_server), backoff=Backoff(initial=30, maximum=60))
+    manager = SecretManager(identity_settings(tmp_path, ca_server), backoff=FullJitterBackoff(30, 60, floor=30))
     async with running(manager) as task:
         await _until(lambda: manager.snapshot()["failures"] >= 1, what="first failure")
         assert manager.snapshot()["last_error_reason"] == "no_credentials"

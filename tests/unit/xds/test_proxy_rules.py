@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, PROXY_CONFIG_TYPE_URL
-from vm_agent.xds.proxy import _prepare_socket_path, classify, forwardable
+from vm_agent.xds.downstream import _prepare_socket_path
+from vm_agent.xds.proxy import classify, forwardable
 
 
 @pytest.mark.parametrize(
