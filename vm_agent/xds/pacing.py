@@ -13,8 +13,10 @@ see a dial every half second from every VM. So the proxy asks this pacer before 
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ class DialPacer:
         self._backoff = FullJitterBackoff(s.base_s, s.cap_s, floor=s.floor_s, rng=rng)
         self._not_before = 0.0
         self.dials = 0
+        self._recent: deque[float] = deque(maxlen=16)
         self.last_wait = 0.0
         """The last backoff handed out (seconds), for status and metrics."""
 
@@ -53,6 +56,12 @@ class DialPacer:
     def dialing(self) -> None:
         """A dial goes out now (the caller waited ``delay()``)."""
         self.dials += 1
+        self._recent.append(self._clock())
+
+    def recent_gaps(self) -> list[float]:
+        """Seconds between the last few dials: what a reconnect loop looks like, if there is one."""
+        times = list(self._recent)
+        return [round(b - a, 3) for a, b in itertools.pairwise(times)]
 
     def ended(self, *, responded: bool, lived_s: float, upstream_ended: bool) -> float:
         """Record how a dialed stream went; returns the wait now imposed on the next dial."""

@@ -132,7 +132,12 @@ def classify(code: grpc.StatusCode) -> str:
     """How worrying an upstream end is. grpcio's texts differ from grpc-go's, so only the code is used."""
     if code is grpc.StatusCode.OK:
         return "graceful"
-    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+    if code in (
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # istiod's admission limiter under load: back off, no alarm
+    ):
         return "expected"
     return "unexpected"
 
@@ -140,6 +145,7 @@ def classify(code: grpc.StatusCode) -> str:
 @dataclass
 class _TypeState:
     responses: int = 0
+    bytes: int = 0
     forwarded: int = 0
     consumed: int = 0
     dropped: int = 0
@@ -315,6 +321,7 @@ class Proxy:
                 "total": self._pacer.dials,
                 "failed_in_a_row": self._pacer.failures,
                 "next_dial_in_s": round(self._pacer.delay(), 3),
+                "recent_gaps_s": self._pacer.recent_gaps(),
             },
             "health": {
                 **self._reporter.snapshot(),
@@ -521,6 +528,7 @@ class Proxy:
             state = self._types.setdefault(head.type_url, _TypeState())
             now = time.time()
             state.responses += 1
+            state.bytes += len(message)
             state.last_response_at = now
             state.last_nonce = head.nonce
             state.last_version = head.version
