@@ -192,9 +192,7 @@ class Fleet:
             "vms_that_wrote": sum(1 for c in per_vm.values() if c),
             "istiod_rss_mib": rss_now / 2**20,
             "istiod_rss_per_vm_kib": (rss_now - rss0) / n / 1024,
-            "other_workloadentry_requests": {
-                k: after.get(k, 0) - before.get(k, 0) for k in after if k != "PUT status"
-            },
+            "other_workloadentry_requests": {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "PUT status"},
         }
         log(f"steady: {json.dumps(self.results['steady'])}")
 
