@@ -76,16 +76,20 @@ def create_group(cp: ControlPlane, g: FleetGroup) -> None:
     wait_until(lambda: cp.get("configmap", g.namespace, "istio-ca-root-cert") is not None, 60, "istio-ca-root-cert")
 
 
-def add_service(cp: ControlPlane, g: FleetGroup, name: str, port: int) -> None:
-    """One more Service in the fleet's namespace: a NameTable change every VM receives."""
-    cp.apply(
+def add_services(cp: ControlPlane, g: FleetGroup, count: int, prefix: str = "svc") -> None:
+    """More Services in the fleet's namespace (selecting nothing): NameTable changes every VM receives."""
+    service = {"apiVersion": "v1", "kind": "Service"}
+    spec = {"selector": {"app": "nothing-selects-this"}, "ports": [{"name": "http", "port": 9090}]}
+    items = [
         {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name, "namespace": g.namespace},
-            "spec": {"selector": {"app": "nothing-selects-this"}, "ports": [{"name": "http", "port": port}]},
+            **service,
+            "metadata": {"name": f"{prefix}-{i}" if count > 1 else prefix, "namespace": g.namespace},
+            "spec": spec,
         }
-    )
+        for i in range(count)
+    ]
+    for start in range(0, len(items), 100):
+        cp.apply(*items[start : start + 100])
 
 
 def vm_files(cp: ControlPlane, g: FleetGroup, out: Path) -> Path:

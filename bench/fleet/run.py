@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.fleet.kube import EntryWatch, FleetGroup, add_service, create_group, rss_bytes, status_writes, vm_files
+from bench.fleet.kube import EntryWatch, FleetGroup, add_services, create_group, rss_bytes, status_writes, vm_files
 from bench.fleet.vm import FleetSettings, FlipWatch, SimVm
 from tests.interop.lab import Binaries, ControlPlane, cache_dir, short_tmp
 from vm_agent.proto import NAME_TABLE_TYPE_URL
@@ -141,6 +141,7 @@ class Fleet:
     async def ramp(self) -> None:
         n = len(self.vms)
         rss0 = rss_bytes(self.cp)
+        writes0 = status_writes(self.cp).get("PUT status", 0)
         log(f"ramp: {n} VMs, CA at {self.args.ca_rate}/s, mode {self.args.mode}, design {self.args.design}")
         t0 = self.start()
         marks: dict[str, float] = {}
@@ -154,6 +155,8 @@ class Fleet:
             if ready >= n:
                 break
             await asyncio.sleep(0.5)
+        await asyncio.sleep(self.args.settle)  # the confirmations, 5-15 s after each VM's first report
+        writes = status_writes(self.cp).get("PUT status", 0) - writes0
         certified = [vm.certified_at - t0 for vm in self.vms if vm.certified_at is not None]
         snaps = [vm.snapshot() for vm in self.vms]
         dials = [s["dials"]["total"] for s in snaps]
@@ -165,12 +168,12 @@ class Fleet:
             "all_certified_s": max(certified) if len(certified) == n else None,
             "dials_per_vm": {"mean": statistics.mean(dials), "max": max(dials)},
             "istiod_rate_limited": self._istiod_log_count("exceeded rate limit"),
+            "status_writes_per_vm": writes / n,
             "istiod_rss_before_mib": rss0 / 2**20,
         }
         log(f"ramp: {json.dumps(self.results['ramp'])}")
 
     async def steady(self) -> None:
-        await asyncio.sleep(self.args.settle)  # let every confirmation (5-15 s) go out first
         window = self.args.steady_s
         before = status_writes(self.cp)
         t0 = time.monotonic()
@@ -198,9 +201,20 @@ class Fleet:
 
     async def nds(self) -> None:
         n = len(self.vms)
+        if self.args.services:
+            # A mesh of some size first: the NameTable is sent whole, so its size is what a change costs.
+            names_before = [vm.table_names for vm in self.vms]
+            await asyncio.to_thread(add_services, self.cp, self.group, self.args.services)
+            await until(
+                lambda: all(
+                    vm.table_names >= b + self.args.services for vm, b in zip(self.vms, names_before, strict=True)
+                ),
+                300,
+            )
+            await asyncio.sleep(5)
         before = [(vm.snapshot()["types"].get(NAME_TABLE_TYPE_URL, {}), vm.table_names) for vm in self.vms]
         t0 = time.monotonic()
-        await asyncio.to_thread(add_service, self.cp, self.group, "fleet-extra", 9090)
+        await asyncio.to_thread(add_services, self.cp, self.group, 1, "fleet-extra")
 
         def got(i: int) -> bool:
             return self.vms[i].table_names > before[i][1]
@@ -220,6 +234,7 @@ class Fleet:
             "bytes_per_vm": statistics.median(deltas),
             "pushes_per_vm": statistics.median(pushes),
             "names_in_table": statistics.median(vm.table_names for vm in self.vms),
+            "bytes_all_vms": sum(deltas),
         }
         log(f"nds: {json.dumps(self.results['nds'])}")
 
@@ -305,6 +320,7 @@ class Fleet:
         names = self.names
         dials_before = [vm.snapshot()["dials"]["total"] for vm in self.vms]
         deleted_before = len(self.watch.deleted)
+        writes0 = status_writes(self.cp).get("PUT status", 0)
         log(f"storm: restarting istiod with {self.ready()} of {n} VMs connected and Healthy")
         t_wall = time.time()
         t0 = time.monotonic()
@@ -320,6 +336,7 @@ class Fleet:
         ready_ok = await until(lambda: self.ready() >= n, self.args.ramp_timeout)
         t_ready = time.monotonic() - t0
         await asyncio.sleep(self.args.settle)
+        writes = status_writes(self.cp).get("PUT status", 0) - writes0
         with self.watch.lock:
             entries = set(self.watch.entries)
         snaps = [vm.snapshot() for vm in self.vms]
@@ -339,6 +356,7 @@ class Fleet:
             "entries_missing": len(names - entries),
             "entries_unexpected": len(entries - names),
             "entries_deleted_during_storm": len(self.watch.deleted) - deleted_before,
+            "status_writes_per_vm": writes / n,
             "agent_dials": sum(dials),
             "agent_dials_per_vm": {"mean": statistics.mean(dials), "max": max(dials)},
             "istiod_accepted_streams": len(accepted),
@@ -410,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--scenarios", default="steady,nds,flip,flap,storm")
     r.add_argument("--ca-rate", type=float, default=40.0, help="certificate requests per second")
     r.add_argument("--probe-period", type=int, default=1)
+    r.add_argument("--services", type=int, default=200, help="Services in the mesh before the NameTable change")
     r.add_argument("--steady-s", type=float, default=180.0)
     r.add_argument("--flap-s", type=float, default=300.0)
     r.add_argument("--settle", type=float, default=20.0)
