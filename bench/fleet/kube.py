@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import ssl
 import threading
 import time
@@ -133,6 +134,13 @@ def rss_bytes(cp: ControlPlane) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise LabError(f"no VmRSS in /proc/{pid}/status")
+
+
+def cpu_seconds(cp: ControlPlane) -> float:
+    """istiod's CPU time so far (user + system)."""
+    assert cp.istiod is not None
+    fields = Path(f"/proc/{cp.istiod.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _healthy(obj: dict[str, Any]) -> str | None:

@@ -65,6 +65,15 @@ def write_report(folder: Path, out: Path) -> None:
         row("… of which the CA's certificates, paced at 40/s (s)", "ramp", "all_certified_s"),
         row("dials per VM during the ramp (mean)", "ramp", "dials_per_vm", "mean", digits=2),
         row("streams istiod refused with ResourceExhausted during the ramp", "ramp", "istiod_rate_limited", digits=0),
+        row(
+            "WorkloadEntry status writes per VM for the ramp (connect: replay + confirmation)",
+            "ramp",
+            "status_writes_per_vm",
+            2,
+        ),
+        row("istiod CPU during the ramp (s)", "ramp", "istiod_cpu_s", digits=0),
+        row("simulator CPU during the ramp (s)", "ramp", "simulator_cpu_s", digits=0),
+        row("xDS bytes each VM received during the ramp (median)", "ramp", "response_bytes_total", digits=0),
         row("WorkloadEntry status writes per VM per hour, steady state", "steady", "status_writes_per_vm_hour", 2),
         row("… VMs that caused any write in the window", "steady", "vms_that_wrote", digits=0),
         row("… length of the window (s)", "steady", "window_s", digits=0),
@@ -109,6 +118,7 @@ def write_report(folder: Path, out: Path) -> None:
             f"| every WorkloadEntry present, connected and Healthy (s) | {_f(storm.get('all_registered_healthy_s'))} |",
             f"| WorkloadEntries missing / not belonging to a VM at the end | {_f(storm.get('entries_missing'), 0)} / "
             f"{_f(storm.get('entries_unexpected'), 0)} |",
+            f"| WorkloadEntry status writes per VM for the reconnect | {_f(storm.get('status_writes_per_vm'), 2)} |",
             f"| WorkloadEntries deleted during the storm (grace period 8 s) | "
             f"{_f(storm.get('entries_deleted_during_storm'), 0)} |",
             f"| dials by the agents (mean / max per VM) | {_f(storm.get('agent_dials'), 0)} "

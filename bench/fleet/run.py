@@ -33,7 +33,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.fleet.kube import EntryWatch, FleetGroup, add_services, create_group, rss_bytes, status_writes, vm_files
+from bench.fleet.kube import (
+    EntryWatch,
+    FleetGroup,
+    add_services,
+    cpu_seconds,
+    create_group,
+    rss_bytes,
+    status_writes,
+    vm_files,
+)
 from bench.fleet.vm import FleetSettings, FlipWatch, SimVm
 from tests.interop.lab import Binaries, ControlPlane, cache_dir, short_tmp
 from vm_agent.proto import NAME_TABLE_TYPE_URL
@@ -52,6 +61,11 @@ OLD = ReportPolicy(confirm_after_s=(1e9, 1e9), settle_s=1e9, heartbeat_s=60.0)
 
 def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def pct(values: list[float], q: float) -> float:
@@ -142,6 +156,7 @@ class Fleet:
         n = len(self.vms)
         rss0 = rss_bytes(self.cp)
         writes0 = status_writes(self.cp).get("PUT status", 0)
+        cpu0, sim0 = cpu_seconds(self.cp), _own_cpu()
         log(f"ramp: {n} VMs, CA at {self.args.ca_rate}/s, mode {self.args.mode}, design {self.args.design}")
         t0 = self.start()
         marks: dict[str, float] = {}
@@ -155,6 +170,7 @@ class Fleet:
             if ready >= n:
                 break
             await asyncio.sleep(0.5)
+        cpu1, sim1 = cpu_seconds(self.cp), _own_cpu()
         await asyncio.sleep(self.args.settle)  # the confirmations, 5-15 s after each VM's first report
         writes = status_writes(self.cp).get("PUT status", 0) - writes0
         certified = [vm.certified_at - t0 for vm in self.vms if vm.certified_at is not None]
@@ -169,6 +185,15 @@ class Fleet:
             "dials_per_vm": {"mean": statistics.mean(dials), "max": max(dials)},
             "istiod_rate_limited": self._istiod_log_count("exceeded rate limit"),
             "status_writes_per_vm": writes / n,
+            "istiod_cpu_s": cpu1 - cpu0,
+            "simulator_cpu_s": sim1 - sim0,
+            "response_bytes_total": statistics.median(
+                sum(t.get("bytes", 0) for t in s["types"].values()) for s in snaps
+            ),
+            "response_bytes_per_vm": {
+                url.rsplit(".", 1)[-1]: statistics.median(s["types"].get(url, {}).get("bytes", 0) for s in snaps)
+                for url in sorted({u for s in snaps for u in s["types"]})
+            },
             "istiod_rss_before_mib": rss0 / 2**20,
         }
         log(f"ramp: {json.dumps(self.results['ramp'])}")
