@@ -49,6 +49,7 @@ bench-fleet: $(STAMP)
 	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode nds --design new --out bench/results/fleet/nds-new.json
 	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode nds --design old --scenarios steady --out bench/results/fleet/nds-old.json
 	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode ads --design new --scenarios steady,nds,flip --out bench/results/fleet/ads-new.json
+	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode nds --design new --scenarios storm --out bench/results/fleet/storm-check.json
 	$(BIN)/python -m bench.fleet report
 
 # Builds (or reuses, from ~/.cache/vm-agent-interop) etcd, kube-apiserver, istiod, istioctl and pilot-agent from the

@@ -110,7 +110,8 @@ def _api(cp: ControlPlane, path: str, timeout: float | None = 30) -> Any:
 
 
 def status_writes(cp: ControlPlane) -> dict[str, float]:
-    """kube-apiserver's request counts for WorkloadEntries, by '<verb>' or '<verb> status'."""
+    """kube-apiserver's request counts for WorkloadEntries, by '<verb>' or '<verb> status' (every answer code), and
+    '<verb>[ status] conflict' for the 409s among them (istiod retries those)."""
     with _api(cp, "/metrics") as resp:
         text = resp.read().decode()
     out: dict[str, float] = defaultdict(float)
@@ -120,7 +121,10 @@ def status_writes(cp: ControlPlane) -> dict[str, float]:
         labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
         verb = labels.get("verb", "").strip('"')
         sub = labels.get("subresource", "").strip('"')
-        out[f"{verb} {sub}".strip()] += float(line.rsplit(" ", 1)[1])
+        count = float(line.rsplit(" ", 1)[1])
+        out[f"{verb} {sub}".strip()] += count
+        if labels.get("code", "").strip('"') == "409":
+            out[f"{verb} {sub} conflict".replace("  ", " ")] += count
     return dict(out)
 
 

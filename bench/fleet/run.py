@@ -345,8 +345,10 @@ class Fleet:
         names = self.names
         dials_before = [vm.snapshot()["dials"]["total"] for vm in self.vms]
         deleted_before = len(self.watch.deleted)
-        writes0 = status_writes(self.cp).get("PUT status", 0)
+        before = status_writes(self.cp)
         log(f"storm: restarting istiod with {self.ready()} of {n} VMs connected and Healthy")
+        assert self.cp.istiod is not None
+        old_log = self.cp.istiod.log
         t_wall = time.time()
         t0 = time.monotonic()
         await asyncio.to_thread(self.cp.start_istiod)
@@ -361,13 +363,23 @@ class Fleet:
         ready_ok = await until(lambda: self.ready() >= n, self.args.ramp_timeout)
         t_ready = time.monotonic() - t0
         await asyncio.sleep(self.args.settle)
-        writes = status_writes(self.cp).get("PUT status", 0) - writes0
+        after = status_writes(self.cp)
+        writes = after.get("PUT status", 0) - before.get("PUT status", 0)
+        conflicts = after.get("PUT status conflict", 0) - before.get("PUT status conflict", 0)
+        per_vm = self.watch.writes_between(names, t0, time.monotonic())
         with self.watch.lock:
             entries = set(self.watch.entries)
         snaps = [vm.snapshot() for vm in self.vms]
         dials = [s["dials"]["total"] - b for s, b in zip(snaps, dials_before, strict=True)]
         gaps = [g for s in snaps for g in s["dials"]["recent_gaps_s"]]
         log_text = self.cp.istiod_log()
+        # Streams the stopping istiod still accepted: each of those VMs reconnects twice.
+        cutoff = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_wall))
+        late = [
+            line
+            for line in old_log.read_text(errors="replace").splitlines()
+            if line[:19] >= cutoff and re.search(r"ADS: new (?:delta )?connection for node:", line)
+        ]
         accepted = re.findall(r"ADS: new (?:delta )?connection for node:(\S+)", log_text)
         per_node: dict[str, int] = {}
         for con in accepted:
@@ -382,9 +394,12 @@ class Fleet:
             "entries_unexpected": len(entries - names),
             "entries_deleted_during_storm": len(self.watch.deleted) - deleted_before,
             "status_writes_per_vm": writes / n,
+            "status_conflicts_retried_by_istiod": conflicts,
+            "status_changes_per_vm_max": max(per_vm.values()) if per_vm else None,
             "agent_dials": sum(dials),
             "agent_dials_per_vm": {"mean": statistics.mean(dials), "max": max(dials)},
             "istiod_accepted_streams": len(accepted),
+            "stopping_istiod_accepted_streams": len(late),
             "istiod_accepted_per_vm_max": max(per_node.values()) if per_node else 0,
             "istiod_rate_limited": log_text.count("exceeded rate limit"),
             "istiod_not_ready_yet": log_text.count("discovery is not ready")
