@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps proto proto-check test lint demo bench interop packages clean
+.PHONY: setup system-deps proto proto-check test lint demo bench bench-fleet interop packages clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard vm_agent/proto/*.proto)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,19 @@ demo: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench
+
+# The fleet simulator (bench/fleet): FLEET_VMS simulated VMs against the interop lab's real control plane (built by
+# tests/interop/build.sh), NDS+health with the new and the old health design, then full ADS; writes bench/results/fleet.md.
+# The lab needs 127.0.0.1:15012 and the machine: both locks are held for the whole run.
+FLEET_VMS ?= 1000
+FLEET_LOCKS := flock /tmp/vm-agent-interop.lock flock /tmp/vm-agent-bench.lock
+bench-fleet: $(STAMP)
+	bash tests/interop/build.sh
+	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode nds --design new --out bench/results/fleet/nds-new.json
+	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode nds --design old --scenarios steady --out bench/results/fleet/nds-old.json
+	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode ads --design new --scenarios steady,nds,flip --out bench/results/fleet/ads-new.json
+	$(FLEET_LOCKS) $(BIN)/python -m bench.fleet run --vms $(FLEET_VMS) --mode nds --design new --scenarios storm --out bench/results/fleet/storm-check.json
+	$(BIN)/python -m bench.fleet report
 
 # Builds (or reuses, from ~/.cache/vm-agent-interop) etcd, kube-apiserver, istiod, istioctl and pilot-agent from the
 # Go module proxy, then runs the suite against them on loopback.

@@ -33,7 +33,7 @@ from vm_agent.telemetry import IstioMetrics, LocalWorkload, NodeExchange, StockE
 from vm_agent.telemetry.detect import has_istio_filters
 from vm_agent.telemetry.peer import workload_from_metadata
 from vm_agent.upstream import UpstreamSettings
-from vm_agent.xds import Proxy, XdsSettings
+from vm_agent.xds import Proxy, ReportPolicy, XdsSettings
 
 log = get_logger("agent")
 
@@ -201,7 +201,8 @@ class Agent:
                 socket_path=config.paths.xds_socket,
                 upstream=upstream_settings(config, for_ca=False),
                 dns_enabled=self.dns is not None,
-                health_heartbeat_s=config.agent.health_heartbeat_s,
+                health=ReportPolicy(heartbeat_s=config.agent.health_heartbeat_s),
+                instance_ip=config.node.instance_ips[0] if config.node.instance_ips else None,
             ),
             client_cert=self.secrets.client_cert,
             on_name_table=self.dns.update if self.dns is not None else None,

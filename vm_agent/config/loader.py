@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from vm_agent.config import shellenv
+from vm_agent.config.agent_knobs import heartbeat_problem, proxy_log_level
 from vm_agent.config.envreader import EnvReader
 from vm_agent.config.formats import (
     check_pem_certificates,
@@ -710,18 +711,10 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
     envoy_binary = env.get("VM_AGENT_ENVOY_BINARY") or None
     if envoy_binary is None and proxy.binary_path != PROXY_CONFIG_DEFAULTS["binaryPath"]:
         envoy_binary = proxy.binary_path
-    log_level = "warning"
-    component: str | None = None
-    for flag in env.get("ISTIO_AGENT_FLAGS", "").split():
-        if flag.startswith("--proxyLogLevel="):
-            globals_: list[str] = []
-            comps: list[str] = []
-            for item in flag.split("=", 1)[1].split(","):
-                (comps if ":" in item else globals_).append(item)
-            if globals_:
-                log_level = globals_[-1]
-            if comps:
-                component = ",".join(c for c in comps if c.count(":") == 1)
+    log_level, component = proxy_log_level(env.get("ISTIO_AGENT_FLAGS", ""))
+    heartbeat = env_duration("VM_AGENT_HEALTH_HEARTBEAT", "0")
+    if (why := heartbeat_problem(heartbeat)) is not None:
+        env_problem("VM_AGENT_HEALTH_HEARTBEAT", why)
     envoy_group = env.get("VM_AGENT_ENVOY_GROUP") or None
     if envoy_group is not None:
         import grp
@@ -737,7 +730,7 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         envoy_status_port=envoy_status_port,
         envoy_prometheus_port=envoy_prom_port,
         delta_xds=env_bool("ISTIO_DELTA_XDS", True),
-        health_heartbeat_s=env_duration("VM_AGENT_HEALTH_HEARTBEAT", "60s"),
+        health_heartbeat_s=heartbeat if why is None else 0.0,
         auto_register_group=str(node.metadata.get("AUTO_REGISTER_GROUP", "")),
         rewrite_probe_localhost=env_bool("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", False),
         proxy_log_level=log_level,

@@ -1,6 +1,7 @@
 """The readiness checker: Envoy first, then the WorkloadGroup probe, thresholds, transitions (§9.4).
 
-Only transitions become ``HealthEvent``s; the xDS proxy keeps the latest for replay and heartbeat.
+Only transitions become ``HealthEvent``s; the xDS proxy's report schedule (``xds/health_report.py``) decides
+when each goes to istiod.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ PROBE_SECONDS = Histogram(
 )
 STATE = Gauge(
     "vm_agent_health_state",
-    "Workload readiness last reported to istiod: 1 healthy, 0 unhealthy, -1 not reported yet",
+    "Workload readiness the checker last decided (sent on by the xDS proxy): 1 healthy, 0 unhealthy, -1 none yet",
     registry=REGISTRY,
 )
 LAST_RESULT = Gauge(

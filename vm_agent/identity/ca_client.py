@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 from google.protobuf import struct_pb2
 
+from vm_agent.backoff import FullJitterBackoff
 from vm_agent.logs import get_logger
 from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, ca_pb2
 from vm_agent.upstream import (
@@ -88,6 +89,7 @@ class CaClient:
         call_timeout: float = 10.0,
         attempts: int = ATTEMPTS,
         first_wait: float = FIRST_WAIT,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._client_cert = client_cert
@@ -95,6 +97,7 @@ class CaClient:
         self._call_timeout = call_timeout
         self._attempts = attempts
         self._first_wait = first_wait
+        self._rng = rng or random.Random()
 
     async def _attempt(self, request: ca_pb2.IstioCertificateRequest) -> ca_pb2.IstioCertificateResponse:
         async with open_channel(self._settings, self._client_cert) as channel:
@@ -116,10 +119,13 @@ class CaClient:
             csr=csr_pem.decode("ascii"), validity_duration=validity_seconds, metadata=metadata
         )
         last: grpc.aio.AioRpcError | None = None
+        # Full jitter (vm_agent.backoff) so that CA clients failing together do not retry together.
+        backoff = FullJitterBackoff(
+            self._first_wait, self._first_wait * 2**self._attempts, floor=self._first_wait / 2, rng=self._rng
+        )
         for attempt in range(self._attempts):
             if attempt:
-                wait = self._first_wait * 2 ** (attempt - 1)
-                await asyncio.sleep(wait * random.uniform(0.9, 1.1))
+                await asyncio.sleep(backoff.next())
             try:
                 response = await self._attempt(request)
             except UpstreamError as exc:

@@ -2,15 +2,15 @@
 
 Start-up uses a still-valid persisted certificate at once (so Envoy can start before the CA answers),
 then renews at ``grace_ratio`` of the lifetime (istio-agent.md §4.5). One loop does every renewal, so
-at most one CSR is ever in flight. CA failures are retried forever with istio's warm-up backoff; a
-change of the token file or root-cert.pem cuts the wait short so an operator's fix is picked up at once.
+at most one CSR is ever in flight. CA failures are retried forever with a full-jitter exponential backoff
+(``vm_agent.backoff``); a change of the token file or root-cert.pem cuts the wait short so an operator's
+fix is picked up at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from vm_agent.backoff import FullJitterBackoff
 from vm_agent.identity.ca_client import CaClient, CaError
 from vm_agent.identity.csr import generate_key_and_csr, spiffe_id
 from vm_agent.identity.settings import IdentitySettings, validate
@@ -62,22 +63,10 @@ DEFAULT = "default"
 ROOTCA = "ROOTCA"
 
 
-class Backoff:
-    """istio's warm-up backoff: 0.5 s initial, times 1.5 each time, ±50 % randomisation, 60 s cap."""
-
-    def __init__(
-        self, initial: float = 0.5, multiplier: float = 1.5, randomization: float = 0.5, maximum: float = 60.0
-    ) -> None:
-        self.initial, self.multiplier, self.randomization, self.maximum = initial, multiplier, randomization, maximum
-        self._current = initial
-
-    def reset(self) -> None:
-        self._current = self.initial
-
-    def next(self) -> float:
-        base = self._current
-        self._current = min(self.maximum, self._current * self.multiplier)
-        return base * random.uniform(1 - self.randomization, 1 + self.randomization)
+def default_backoff() -> FullJitterBackoff:
+    """Between failed certificate requests: full jitter from 0.25 s up to a 1 s ceiling doubling to 60 s, so a
+    fleet that lost its CA (an istiod restart) does not come back in step."""
+    return FullJitterBackoff(1.0, 60.0, floor=0.25)
 
 
 def _file_signature(path: Path | None) -> tuple[int, int, int] | None:
@@ -95,7 +84,7 @@ def _iso(ts: datetime | None) -> str | None:
 
 
 class SecretManager:
-    def __init__(self, settings: IdentitySettings, *, backoff: Backoff | None = None) -> None:
+    def __init__(self, settings: IdentitySettings, *, backoff: FullJitterBackoff | None = None) -> None:
         validate(settings)
         self._settings = settings
         self.ready = asyncio.Event()
@@ -105,7 +94,7 @@ class SecretManager:
         self._rotate_at: datetime | None = None
         self._wake = asyncio.Event()
         self._listeners: list[Listener] = []
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or default_backoff()
         self._rotations = 0
         self._failures = 0
         self._last_rotation: datetime | None = None

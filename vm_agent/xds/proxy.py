@@ -11,6 +11,9 @@ requests are held in memory. Responses are read one at a time and written to Env
 read, so memory holds one response plus what gRPC's flow-control windows allow. The agent's own
 requests (NDS subscription, ACK/NACK, health) never wait for a credit: they are few and small, and
 making them wait could block the response loop on the request loop.
+
+Dials to istiod are paced across streams (``pacing``); which health reports go out when is decided by
+``health_report``, which this module only feeds (reports from the checker, what EDS shows) and carries.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,18 +38,18 @@ from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
 from vm_agent.upstream import ClientCertProvider, UpstreamError, UpstreamSettings, call_metadata, open_channel
+from vm_agent.xds.downstream import ADS_SERVICE, METHODS, SOCKET_MODE, Downstream, ads_server
+from vm_agent.xds.eds_witness import ENDPOINT_TYPE_URL, EdsWitness
+from vm_agent.xds.health_report import HealthReporter, Report, ReportPolicy
+from vm_agent.xds.pacing import DialPacer, PacingSettings
 from vm_agent.xds.wire import INTERNAL, Flavour, WireError, build_request, peek_request, peek_response
 
 log = get_logger("xds")
 
-ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-_METHODS = {Flavour.SOTW: "StreamAggregatedResources", Flavour.DELTA: "DeltaAggregatedResources"}
 LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
 WORKLOAD_TYPE_URL = "type.googleapis.com/istio.workload.Workload"
 
 _REQUEST_CREDITS = 16
-SOCKET_MODE = 0o660
-"""Istio uses 0666; only Envoy (same user or group) has any business on this socket."""
 
 NameTableHandler = Callable[[nds_pb2.NameTable], Awaitable[None]]
 ResponseRewriter = Callable[[bytes, str, bool], Awaitable[bytes]]
@@ -88,10 +89,15 @@ _LAST_RESPONSE = Gauge(
     ["type_url"],
     registry=REGISTRY,
 )
-_HEALTH_SENT = Counter(
-    "vm_agent_xds_health_reports_sent",
-    "HealthInformation requests sent upstream, by reason (event, replay, heartbeat)",
-    ["reason"],
+_DIALS = Counter(
+    "vm_agent_xds_upstream_dials",
+    "Upstream streams opened to the discovery server, by how the previous one went (first, worked, failed)",
+    ["after"],
+    registry=REGISTRY,
+)
+_DIAL_BACKOFF = Gauge(
+    "vm_agent_xds_upstream_backoff_seconds",
+    "Wait imposed on the next upstream dial after a failed one (0 after a stream that worked)",
     registry=REGISTRY,
 )
 
@@ -102,7 +108,11 @@ class XdsSettings:
     upstream: UpstreamSettings
     dns_enabled: bool
     """Subscribe to the NameTable after Envoy's first LDS request."""
-    health_heartbeat_s: float = 60.0
+    health: ReportPolicy = field(default_factory=ReportPolicy)
+    """When health reports go out (confirmation, re-sends, the optional heartbeat); see health_report."""
+    instance_ip: str | None = None
+    """The address istiod registers this VM under: looked for in EDS to see whether a health report took."""
+    pacing: PacingSettings = field(default_factory=PacingSettings)
     max_downstream_message_bytes: int = 4 * 1024 * 1024
 
 
@@ -115,7 +125,12 @@ def classify(code: grpc.StatusCode) -> str:
     """How worrying an upstream end is. grpcio's texts differ from grpc-go's, so only the code is used."""
     if code is grpc.StatusCode.OK:
         return "graceful"
-    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+    if code in (
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # istiod's admission limiter under load: back off, no alarm
+    ):
         return "expected"
     return "unexpected"
 
@@ -123,6 +138,7 @@ def classify(code: grpc.StatusCode) -> str:
 @dataclass
 class _TypeState:
     responses: int = 0
+    bytes: int = 0
     forwarded: int = 0
     consumed: int = 0
     dropped: int = 0
@@ -166,6 +182,9 @@ class _Stream:
     written: int = 0
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     """Set after every upstream write, so ``Proxy.flush`` can wait for a position in the outbox."""
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set at the first response: istiod has processed the first request (and registered the VM)."""
+    dialed_at: float | None = None
 
     def finish(self, side: str, code: grpc.StatusCode, details: str) -> None:
         # The first cause wins: once one side ended, the other side's errors are consequences.
@@ -218,10 +237,9 @@ class Proxy:
         self._streams: dict[int, _Stream] = {}
         self._registered: _Stream | None = None
         self._types: dict[str, _TypeState] = {}
-        self._health: HealthEvent | None = None
-        self._health_reported_at: float | None = None
-        self._health_sent_at: float | None = None
-        self._health_sent: HealthEvent | None = None
+        self._reporter = HealthReporter(settings.health)
+        self._witness = EdsWitness(settings.instance_ip) if settings.instance_ip else None
+        self._pacer = DialPacer(settings.pacing)
         self._streams_total = 0
         self._last_disconnect: dict[str, Any] | None = None
         self._last_connected_at: float | None = None
@@ -232,32 +250,10 @@ class Proxy:
     async def run(self) -> None:
         path = self._settings.socket_path
         self._stopping = False
-        _prepare_socket_path(path)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self._settings.max_downstream_message_bytes),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.max_concurrent_streams", 100_000),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                # Istio enforces a 15 s minimum between client pings (half its 30 s keepalive time).
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 15_000),
-            ]
-        )
-        handlers = {
-            method: grpc.stream_stream_rpc_method_handler(self._behaviour(flavour))
-            for flavour, method in _METHODS.items()
-        }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
-        try:
-            bound = server.add_insecure_port(f"unix:{path}")
-        except RuntimeError as exc:  # grpcio reports bind failures this way
-            raise OSError(f"xDS proxy: cannot listen on unix socket {path}: {exc}") from exc
-        if not bound:
-            raise OSError(f"xDS proxy: cannot listen on unix socket {path}")
+        server = ads_server(path, self._settings.max_downstream_message_bytes, self.serve_stream)
         try:
             await server.start()
-            os.chmod(path, SOCKET_MODE)
+            path.chmod(SOCKET_MODE)
             log.info("xDS proxy listening on %s, upstream %s", path, self._settings.upstream.address)
             self.ready.set()
             await asyncio.Event().wait()
@@ -269,20 +265,16 @@ class Proxy:
                 path.unlink()
 
     def report_health(self, event: HealthEvent) -> None:
-        """Keep ``event`` for replay and send it now on the registered stream if that is past its LDS."""
-        self._health = event
-        self._health_reported_at = time.time()
-        stream = self._registered
-        if stream is not None and stream.initial_sent and not stream.ended.is_set():
-            self._send_health(stream, "event")
+        """The checker's latest state: sent now when a stream can carry it, kept for the next stream."""
+        self._reporter.update(event)
 
     async def flush(self, within_s: float) -> bool:
         """Wait until everything queued so far on the registered stream (a last health report before
         shutdown, say) has been handed to the upstream connection. False if that did not happen in time
-        or there is no stream past its first LDS request to send on.
+        or there is no stream istiod has answered yet to send on.
         """
         stream = self._registered
-        if stream is None or not stream.initial_sent:
+        if stream is None or not stream.answered.is_set():
             return False
         target = stream.queued
 
@@ -305,7 +297,6 @@ class Proxy:
             upstream = "connecting"
         else:
             upstream = "idle"
-        health = self._health
         return {
             "socket": str(self._settings.socket_path),
             "ready": self.ready.is_set(),
@@ -320,26 +311,22 @@ class Proxy:
                 "active": [s.as_dict() for s in self._streams.values()],
             },
             "types": {url: st.as_dict() for url, st in sorted(self._types.items())},
+            "dials": {
+                "total": self._pacer.dials,
+                "failed_in_a_row": self._pacer.failures,
+                "next_dial_in_s": round(self._pacer.delay(), 3),
+                "recent_gaps_s": self._pacer.recent_gaps(),
+            },
             "health": {
-                "latest": None if health is None else {"healthy": health.healthy, "message": health.message},
-                "reported_at": self._health_reported_at,
-                "last_sent": None
-                if self._health_sent is None
-                else {"healthy": self._health_sent.healthy, "message": self._health_sent.message},
-                "last_sent_at": self._health_sent_at,
-                "heartbeat_s": self._settings.health_heartbeat_s,
+                **self._reporter.snapshot(),
+                "eds_clusters": sorted(self._witness.clusters) if self._witness else [],
             },
         }
 
     # ------------------------------------------------------------------ one stream
 
-    def _behaviour(self, flavour: Flavour) -> Callable[[Any, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[None]]:
-        async def behaviour(_requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-            await self._serve_stream(flavour, context)
-
-        return behaviour
-
-    async def _serve_stream(self, flavour: Flavour, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    async def serve_stream(self, flavour: Flavour, downstream: Downstream) -> None:
+        """Proxy one downstream stream (Envoy's, or a simulated VM's) to a fresh upstream stream."""
         stream = _Stream(id=next(self._ids), flavour=flavour, opened_at=time.time())
         self._streams_total += 1
         _STREAMS.labels(flavour.value).inc()
@@ -353,23 +340,24 @@ class Proxy:
         call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
         try:
             try:
-                stream.channel = open_channel(self._settings.upstream, self._client_cert)
+                if await self._dial_slot(stream):
+                    stream.channel = open_channel(self._settings.upstream, self._client_cert)
             except UpstreamError as exc:
                 stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, str(exc))
             except Exception as exc:  # e.g. a client certificate grpc cannot load
                 log.exception("stream %d: cannot dial %s", stream.id, self._settings.upstream.address)
                 stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, f"cannot dial the discovery server: {exc}")
-            else:
+            if stream.channel is not None:
                 multicallable = stream.channel.stream_stream(
-                    f"/{ADS_SERVICE}/{_METHODS[flavour]}", request_serializer=None, response_deserializer=None
+                    f"/{ADS_SERVICE}/{METHODS[flavour]}", request_serializer=None, response_deserializer=None
                 )
                 call = multicallable(metadata=call_metadata(self._settings.upstream))
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
-                        tg.create_task(self._pump_requests(stream, context)),
+                        tg.create_task(self._pump_requests(stream, downstream)),
                         tg.create_task(self._write_upstream(stream, call)),
-                        tg.create_task(self._pump_responses(stream, call, context)),
-                        tg.create_task(self._heartbeat(stream)),
+                        tg.create_task(self._pump_responses(stream, call, downstream)),
+                        tg.create_task(self._report_health(stream)),
                     ]
                     await stream.ended.wait()
                     for task in tasks:
@@ -377,8 +365,7 @@ class Proxy:
             end = stream.end or _End("downstream", grpc.StatusCode.OK, "")
             self._record_end(stream, end)
             if end.code is not grpc.StatusCode.OK:
-                context.set_code(end.code)
-                context.set_details(end.details)
+                downstream.end(end.code, end.details)
         except asyncio.CancelledError:
             # Envoy cancelled the RPC (or the server is stopping): gRPC cancels this handler.
             if self._stopping:
@@ -392,8 +379,7 @@ class Proxy:
             log.exception("stream %d: internal error in the xDS proxy", stream.id)
             end = _End("agent", grpc.StatusCode.INTERNAL, "internal error in the xDS proxy")
             self._record_end(stream, end)
-            context.set_code(end.code)
-            context.set_details(end.details)
+            downstream.end(end.code, end.details)
         finally:
             stream.ended.set()
             stream.progress.set()
@@ -408,6 +394,41 @@ class Proxy:
             if self._registered is stream:
                 self._registered = None
             _ACTIVE.dec()
+            self._paced(stream)
+
+    async def _dial_slot(self, stream: _Stream) -> bool:
+        """Wait until the pacer lets this stream dial; False when the stream ended (was replaced) meanwhile."""
+        after = "first" if self._pacer.dials == 0 else ("failed" if self._pacer.failures else "worked")
+        while (delay := self._pacer.delay()) > 0:
+            log.info(
+                "stream %d: dialing %s in %.1fs (%d failed dials in a row)",
+                stream.id,
+                self._settings.upstream.address,
+                delay,
+                self._pacer.failures,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.ended.wait(), delay)
+            if stream.ended.is_set():
+                return False
+        self._pacer.dialing()
+        _DIALS.labels(after).inc()
+        stream.dialed_at = time.monotonic()
+        return True
+
+    def _paced(self, stream: _Stream) -> None:
+        if stream.dialed_at is None:
+            return
+        end = stream.end or _End("downstream", grpc.StatusCode.OK, "")
+        wait = self._pacer.ended(
+            responded=stream.responses > 0,
+            lived_s=time.monotonic() - stream.dialed_at,
+            upstream_ended=end.side == "upstream",
+        )
+        _DIAL_BACKOFF.set(wait)
+        if wait > 0:
+            shedding = " (istiod is shedding load)" if end.code is grpc.StatusCode.RESOURCE_EXHAUSTED else ""
+            log.info("stream %d did not work%s; the next dial waits %.1fs", stream.id, shedding, wait)
 
     def _record_end(self, stream: _Stream, end: _End) -> None:
         reason = classify(end.code)
@@ -431,21 +452,17 @@ class Proxy:
         else:
             log.info("stream %d ended by %s: %s %s", stream.id, end.side, end.code.name, end.details)
 
-    async def _pump_requests(self, stream: _Stream, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-        """Envoy → outbox, in order; injects NDS and the cached health report after the first LDS."""
+    async def _pump_requests(self, stream: _Stream, downstream: Downstream) -> None:
+        """Envoy → outbox, in order; injects the NDS subscription after the first LDS request."""
         while True:
             await stream.credits.acquire()
-            message = await context.read()
-            if message is grpc.aio.EOF:
-                # A cancel (Envoy's usual way out) also reads as EOF; the cancel flag lands a moment later.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_until_done(context), 0.05)
-                if context.cancelled():
+            message = await downstream.read()
+            if message is None:
+                if downstream.cancelled():
                     stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
                 else:
                     stream.finish("downstream", grpc.StatusCode.OK, "Envoy closed the stream")
                 return
-            assert isinstance(message, bytes)
             try:
                 head = peek_request(message, stream.flavour)
             except WireError as exc:
@@ -459,8 +476,6 @@ class Proxy:
                 if self._settings.dns_enabled:
                     stream.send_control(build_request(stream.flavour, NAME_TABLE_TYPE_URL))
                 stream.initial_sent = True
-                if self._health is not None and self._registered is stream:
-                    self._send_health(stream, "replay")
 
     async def _write_upstream(self, stream: _Stream, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
         while True:
@@ -480,10 +495,7 @@ class Proxy:
                 stream.credits.release()
 
     async def _pump_responses(
-        self,
-        stream: _Stream,
-        call: grpc.aio.StreamStreamCall[bytes, bytes],
-        context: grpc.aio.ServicerContext[bytes, bytes],
+        self, stream: _Stream, call: grpc.aio.StreamStreamCall[bytes, bytes], downstream: Downstream
     ) -> None:
         while True:
             try:
@@ -505,10 +517,12 @@ class Proxy:
                 stream.finish("upstream", grpc.StatusCode.INTERNAL, f"malformed response from upstream: {exc}")
                 return
             stream.responses += 1
+            stream.answered.set()
             _RESPONSE_BYTES.inc(len(message))
             state = self._types.setdefault(head.type_url, _TypeState())
             now = time.time()
             state.responses += 1
+            state.bytes += len(message)
             state.last_response_at = now
             state.last_nonce = head.nonce
             state.last_version = head.version
@@ -518,12 +532,14 @@ class Proxy:
                 _RESPONSES.labels(head.type_url, "consumed").inc()
                 await self._consume_name_table(stream, message, head.version, head.nonce)
             elif forwardable(head.type_url):
+                if head.type_url == ENDPOINT_TYPE_URL:
+                    self._witness_eds(stream, message)
                 state.forwarded += 1
                 _RESPONSES.labels(head.type_url, "forwarded").inc()
                 if self._rewrite is not None:
                     message = await self._rewrite(message, head.type_url, stream.flavour is Flavour.DELTA)
                 try:
-                    await context.write(message)
+                    await downstream.write(message)
                 except Exception as exc:  # the downstream went away under us; its handler is ending too
                     log.error("stream %d: dropping %s response, Envoy is gone (%s)", stream.id, head.type_url, exc)
                     stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy went away")
@@ -585,31 +601,29 @@ class Proxy:
             state.last_nack_message = error
             _ACKS.labels(type_url, "nack", sender).inc()
 
-    async def _heartbeat(self, stream: _Stream) -> None:
-        """Re-send the latest health report so a lost or ignored one heals (product decision 3)."""
-        period = self._settings.health_heartbeat_s
-        if period <= 0:
+    def _witness_eds(self, stream: _Stream, message: bytes) -> None:
+        if self._witness is None or self._registered is not stream:
             return
-        while True:
-            await asyncio.sleep(period)
-            if stream.initial_sent and self._health is not None and self._registered is stream:
-                self._send_health(stream, "heartbeat")
+        serving = self._witness.observe(message, stream.flavour)
+        if serving is not None:
+            self._reporter.observed(serving)
 
-    def _send_health(self, stream: _Stream, reason: str) -> None:
-        event = self._health
-        if event is None:
-            return
+    async def _report_health(self, stream: _Stream) -> None:
+        """Carry health reports on this stream once istiod answered its first request (it drops earlier ones)."""
+        await stream.answered.wait()
+        if self._registered is stream:
+            await self._reporter.serve(lambda report: self._send_health(stream, report))
+
+    def _send_health(self, stream: _Stream, report: Report) -> bool:
+        if stream.ended.is_set():
+            return False
+        event = report.event
         error = None if event.healthy else (INTERNAL, event.message)
         stream.send_control(build_request(stream.flavour, HEALTH_INFO_TYPE_URL, error=error))
-        self._health_sent = event
-        self._health_sent_at = time.time()
-        _HEALTH_SENT.labels(reason).inc()
-
-
-async def _until_done(context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-    # grpc.aio gives a servicer no awaitable for "the RPC is over", only the done() flag.
-    while not context.done():  # noqa: ASYNC110
-        await asyncio.sleep(0.005)
+        log.debug(
+            "stream %d: health %s sent (%s)", stream.id, "healthy" if event.healthy else "unhealthy", report.reason
+        )
+        return True
 
 
 def _first_resource(message: bytes, flavour: Flavour) -> tuple[str, bytes] | None:
@@ -625,26 +639,3 @@ def _first_resource(message: bytes, flavour: Flavour) -> tuple[str, bytes] | Non
             return None
         first = delta.resources[0].resource
     return str(first.type_url), bytes(first.value)
-
-
-_SUN_PATH_MAX = 107
-"""Longest Unix socket path Linux accepts (sun_path is 108 bytes with the terminating NUL)."""
-
-
-def _prepare_socket_path(path: Path) -> None:
-    """Create the parent folder (0750) and remove a stale socket; refuse to delete anything else."""
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ValueError(
-            f"xDS socket path {path} is {len(os.fsencode(path))} bytes long; Unix sockets allow at most {_SUN_PATH_MAX}"
-        )
-    try:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"xDS socket folder {path.parent} cannot be created: {exc.strerror or exc}") from exc
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"xDS socket path {path} exists and is not a socket; remove it or choose another path")
-    path.unlink()

@@ -192,6 +192,11 @@ def _str_field(number: int, value: str) -> bytes:
     return _len_field(number, value.encode("utf-8")) if value else b""
 
 
+def string_field(number: int, value: str) -> bytes:
+    """The exact bytes of a string field on the wire: what to search a message for without decoding it."""
+    return _len_field(number, value.encode("utf-8"))
+
+
 INTERNAL = 13
 """google.rpc.Code INTERNAL: what Istio's agent puts in a NACK and in an unhealthy report."""
 

@@ -17,7 +17,7 @@ from tests.integration.xds.pki import XdsPki
 from tests.integration.xds.test_proxy_envoy import cluster, listener
 from vm_agent.health.event import HealthEvent
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
-from vm_agent.xds import XdsSettings
+from vm_agent.xds import ReportPolicy, XdsSettings
 
 pytestmark = pytest.mark.integration
 
@@ -142,20 +142,31 @@ def health_requests(stream: AdsStream) -> list[discovery_pb2.DiscoveryRequest]:
     return stream.requests_of(HEALTH_INFO_TYPE_URL)
 
 
+# Short windows so the test sees the confirmation; the agent uses 5-15 s.
+FAST = ReportPolicy(confirm_after_s=(0.2, 0.4), settle_s=1.0)
+
+
+async def steady(stream: AdsStream, seconds: float) -> int:
+    """The number of health reports once ``seconds`` passed without a new one."""
+    count = len(health_requests(stream))
+    while True:
+        await asyncio.sleep(seconds)
+        if len(health_requests(stream)) == count:
+            return count
+        count = len(health_requests(stream))
+
+
 @pytest.mark.parametrize("api_type", ["DELTA_GRPC", "GRPC"])
-async def test_health_kept_before_lds_replayed_after_it_and_heartbeat(
+async def test_health_waits_for_istiods_first_answer_then_replays_and_confirms_once(
     tmp_path: Path, pki: XdsPki, api_type: str
 ) -> None:
     port = free_port()
     ads = AdsServer(pki.server_key_pem, pki.server_cert_pem, None, port)
     await ads.start()
-    # Holding CDS keeps Envoy from sending its first LDS request.
+    # Holding CDS keeps the server from answering anything: istiod drops a report it gets before that.
     ads.held.add(CDS)
     settings = XdsSettings(
-        socket_path=tmp_path / "XDS",
-        upstream=upstream_settings(tmp_path, pki, ads),
-        dns_enabled=False,
-        health_heartbeat_s=0.3,
+        socket_path=tmp_path / "XDS", upstream=upstream_settings(tmp_path, pki, ads), dns_enabled=False, health=FAST
     )
     try:
         async with running_proxy(settings) as proxy, running_envoy(tmp_path, settings.socket_path, api_type) as envoy:
@@ -163,36 +174,53 @@ async def test_health_kept_before_lds_replayed_after_it_and_heartbeat(
             stream = await ads.wait_stream()
             await ads.wait_for(lambda: stream.requests_of(CDS), what="CDS request")
             proxy.report_health(HealthEvent(False, "HTTP 503"))
-            await asyncio.sleep(1.0)  # > 3 heartbeats: none may go out before LDS
+            await asyncio.sleep(1.0)  # longer than the confirmation window: nothing may go out unanswered
             assert health_requests(stream) == []
             assert proxy.snapshot()["health"]["last_sent"] is None
 
             ads.release(CDS)
-            await ads.wait_for(lambda: health_requests(stream), what="health replay after LDS")
-            assert first_index(stream, HEALTH_INFO_TYPE_URL) > first_index(stream, LDS)
+            await ads.wait_for(lambda: health_requests(stream), what="health replay after the first answer")
+            assert first_index(stream, HEALTH_INFO_TYPE_URL) > first_index(stream, CDS)
             replay = health_requests(stream)[0]
             assert (replay.error_detail.code, replay.error_detail.message) == (13, "HTTP 503")
             assert not replay.HasField("node")
+            # The replay plus one confirmation, then silence: a steady VM costs istiod nothing.
+            assert await steady(stream, 1.0) == 2
+            assert health_requests(stream)[1].error_detail.message == "HTTP 503"
 
             proxy.report_health(HealthEvent(True, ""))
             await ads.wait_for(lambda: not health_requests(stream)[-1].HasField("error_detail"), what="healthy report")
-            sent = len(health_requests(stream))
-            await ads.wait_for(lambda: len(health_requests(stream)) >= sent + 2, what="two heartbeats")
-            assert all(not r.HasField("error_detail") for r in health_requests(stream)[sent:])
+            assert await steady(stream, 1.0) == 4
+            assert all(not r.HasField("error_detail") for r in health_requests(stream)[2:])
+            assert proxy.snapshot()["health"]["sent_by_reason"] == {"reconnect": 1, "confirm": 2, "transition": 1}
 
-            # A report made while the upstream is away is kept and goes out on the next stream, after its LDS.
+            # A report made while the upstream is away is kept and goes out on the next stream, after its first answer.
             await ads.stop()
             await ads.wait_for(lambda: proxy.snapshot()["upstream"]["state"] != "connected", what="upstream gone")
             proxy.report_health(HealthEvent(False, "timeout"))
             ads = AdsServer(pki.server_key_pem, pki.server_cert_pem, None, port)
             await ads.start()
-            stream2 = await ads.wait_stream()
+            stream2 = await ads.wait_stream(timeout=40)  # the pacer may hold the redial for up to its backoff
             await ads.wait_for(lambda: health_requests(stream2), what="health replay on the new stream")
-            assert first_index(stream2, HEALTH_INFO_TYPE_URL) > first_index(stream2, LDS)
+            assert first_index(stream2, HEALTH_INFO_TYPE_URL) > 0
             first = health_requests(stream2)[0]
             assert (first.error_detail.code, first.error_detail.message) == (13, "timeout")
+            assert await steady(stream2, 1.0) == 2
             await envoy.wait_names(set(), set())
             health = proxy.snapshot()["health"]
             assert health["last_sent"] == {"healthy": False, "message": "timeout"}
     finally:
         await ads.stop()
+
+
+async def test_heartbeat_when_configured(tmp_path: Path, pki: XdsPki, ads: AdsServer) -> None:
+    ads.set_resources(CDS, [("c1", cluster("c1"))])
+    policy = ReportPolicy(confirm_after_s=(60, 60), heartbeat_s=0.3)
+    settings = XdsSettings(
+        socket_path=tmp_path / "XDS", upstream=upstream_settings(tmp_path, pki, ads), dns_enabled=False, health=policy
+    )
+    async with running_proxy(settings) as proxy, running_envoy(tmp_path, settings.socket_path, "GRPC"):
+        proxy.report_health(HealthEvent(True))
+        stream = await ads.wait_stream()
+        await ads.wait_for(lambda: len(health_requests(stream)) >= 4, what="the replay and three heartbeats")
+        assert proxy.snapshot()["health"]["sent_by_reason"]["heartbeat"] >= 3

@@ -75,10 +75,10 @@ async def test_newer_stream_closes_older_and_gets_health(
         assert "newer" in (ended.value.details() or "")
         await ads.wait_for(lambda: upstream1.done, what="the older upstream stream closed")
 
-        await second.write(request(LDS))
         upstream2 = ads.streams[1]
+        # Each stream carries the current state once istiod answered it; the replaced one carries nothing more.
         await ads.wait_for(lambda: upstream2.requests_of(HEALTH_INFO_TYPE_URL), what="health on the newer stream")
-        assert upstream1.requests_of(HEALTH_INFO_TYPE_URL) == []
+        assert len(upstream1.requests_of(HEALTH_INFO_TYPE_URL)) <= 1
         assert [s["id"] for s in proxy.snapshot()["streams"]["active"]] == [2]
         json.dumps(proxy.snapshot())  # JSON-able for /debug and `vm-agent status`
 
@@ -192,13 +192,14 @@ async def test_unusable_client_certificate_fails_the_stream_not_the_proxy(
 async def test_flush_waits_for_the_last_health_report(
     tmp_path: Path, pki: XdsPki, ads: AdsServer, channel: grpc.aio.Channel
 ) -> None:
+    ads.held.add(CDS)
     async with running_proxy(settings_for(tmp_path, pki, ads)) as proxy:
         call = open_delta(channel)
         await call.write(request(CDS, node=True))
+        await ads.wait_for(lambda: ads.streams and ads.streams[0].requests_of(CDS), what="CDS upstream")
+        assert await proxy.flush(1.0) is False  # istiod has not answered yet: nothing may be sent
+        ads.release(CDS)
         await call.read()
-        assert await proxy.flush(1.0) is False  # no LDS yet: nothing may be sent
-        await call.write(request(LDS))
-        await ads.wait_for(lambda: ads.streams[0].requests_of(LDS), what="LDS upstream")
         proxy.report_health(HealthEvent(False, "agent is shutting down"))
         assert await proxy.flush(5.0) is True
         await ads.wait_for(

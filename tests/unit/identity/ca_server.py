@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ class LocalCAServer:
     cert_ttl: dt.timedelta | None = None
     """Overrides the requested validity (to get 10-second certificates)."""
     empty_chain: bool = False
+    fail_with: list[Status] = field(default_factory=list)
+    """Statuses to answer the next calls with, first to last (istiod shedding load, say)."""
+    attempt_times: list[float] = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
     port: int = 0
     _server: Server | None = None
@@ -80,6 +84,9 @@ class LocalCAServer:
     async def _create(self, stream: Stream[Any, Any]) -> None:
         req = await stream.recv_message()
         assert req is not None
+        self.attempt_times.append(time.monotonic())
+        if self.fail_with:
+            raise GRPCError(self.fail_with.pop(0), "try again later")
         metadata = {k: v for k, v in stream.metadata.items() if isinstance(v, str)} if stream.metadata else {}
         uri = self._identity(stream, metadata)
         signer = req.metadata.fields["CertSigner"].string_value if "CertSigner" in req.metadata.fields else ""

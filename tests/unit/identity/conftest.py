@@ -13,7 +13,8 @@ import pytest
 
 from tests.unit.identity.ca_server import LocalCAServer
 from tests.unit.identity.pki import make_jwt
-from vm_agent.identity.manager import Backoff, SecretManager
+from vm_agent.backoff import FullJitterBackoff
+from vm_agent.identity.manager import SecretManager
 from vm_agent.identity.settings import IdentitySettings
 from vm_agent.upstream import UpstreamSettings
 
@@ -50,8 +51,8 @@ def identity_settings(tmp_path: Path, server: LocalCAServer, **ca: object) -> Id
     )
 
 
-def fast_backoff() -> Backoff:
-    return Backoff(initial=0.05, multiplier=1.5, randomization=0.2, maximum=0.3)
+def fast_backoff() -> FullJitterBackoff:
+    return FullJitterBackoff(0.05, 0.3, floor=0.01)
 
 
 @asynccontextmanager

@@ -211,9 +211,9 @@ async def test_new_token_is_picked_up_without_restart(
     tmp_path: Path, ca_server: LocalCAServer, identity_logs: pytest.LogCaptureFixture
 ) -> None:
     # A slow backoff: only the file watch can explain a quick recovery.
-    from vm_agent.identity.manager import Backoff
+    from vm_agent.backoff import FullJitterBackoff
 
-    manager = SecretManager(identity_settings(tmp_path, ca_server), backoff=Backoff(initial=30, maximum=60))
+    manager = SecretManager(identity_settings(tmp_path, ca_server), backoff=FullJitterBackoff(30, 60, floor=30))
     async with running(manager) as task:
         await _until(lambda: manager.snapshot()["failures"] >= 1, what="first failure")
         assert manager.snapshot()["last_error_reason"] == "no_credentials"
@@ -248,3 +248,28 @@ async def test_trust_bundle_change_pushes_rootca_and_is_persisted(tmp_path: Path
     assert (settings.state_dir / "root-cert.pem").read_bytes() == bundle
     assert settings.output_certs is not None
     assert (settings.output_certs / "root-cert.pem").read_bytes() == bundle
+
+
+async def test_ca_retries_back_off_with_full_jitter_also_on_resource_exhausted(
+    tmp_path: Path, ca_server: LocalCAServer
+) -> None:
+    import itertools
+    import random
+
+    from grpclib.const import Status
+
+    from vm_agent.identity.ca_client import CaClient
+    from vm_agent.identity.csr import generate_key_and_csr
+
+    (tmp_path / "istio-token").write_text(make_token())
+    settings = identity_settings(tmp_path, ca_server)
+    ca_server.fail_with = [Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED]
+    client = CaClient(settings.ca, None, attempts=5, first_wait=0.2, rng=random.Random(4))
+    _, csr = generate_key_and_csr("spiffe://cluster.local/ns/ns1/sa/sa1")
+    chain = await client.create_certificate(csr, 3600)
+    assert chain
+    gaps = [b - a for a, b in itertools.pairwise(ca_server.attempt_times)]
+    assert len(gaps) == 3
+    # The n-th wait is drawn from [first_wait / 2, first_wait * 2**(n-1)]: never a tight loop, never in step.
+    for n, gap in enumerate(gaps, start=1):
+        assert 0.1 <= gap <= 0.2 * 2 ** (n - 1) + 0.5, (n, gap)  # the margin: TLS set-up on a busy machine

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, PROXY_CONFIG_TYPE_URL
-from vm_agent.xds.proxy import _prepare_socket_path, classify, forwardable
+from vm_agent.xds.downstream import _prepare_socket_path
+from vm_agent.xds.proxy import classify, forwardable
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,12 @@ def test_only_envoy_types_and_workload_reach_envoy(type_url: str, expected: bool
 
 def test_disconnect_classes() -> None:
     assert classify(grpc.StatusCode.OK) == "graceful"
-    for code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+    for code in (
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ):
         assert classify(code) == "expected"
     # Delta istiod answers "not ready" with Unknown (§18 P9): worth a warning, as in Istio.
     for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
