@@ -203,6 +203,7 @@ class Agent:
                 dns_enabled=self.dns is not None,
                 health=ReportPolicy(heartbeat_s=config.agent.health_heartbeat_s),
                 instance_ip=config.node.instance_ips[0] if config.node.instance_ips else None,
+                endpoint_hold_s=config.agent.endpoint_hold_s,
             ),
             client_cert=self.secrets.client_cert,
             on_name_table=self.dns.update if self.dns is not None else None,

@@ -731,6 +731,7 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         envoy_prometheus_port=envoy_prom_port,
         delta_xds=env_bool("ISTIO_DELTA_XDS", True),
         health_heartbeat_s=heartbeat if why is None else 0.0,
+        endpoint_hold_s=env_duration("VM_AGENT_EDS_HOLD", "45s"),
         auto_register_group=str(node.metadata.get("AUTO_REGISTER_GROUP", "")),
         rewrite_probe_localhost=env_bool("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION", False),
         proxy_log_level=log_level,

@@ -144,6 +144,7 @@ class AgentConfig:
     metrics_localhost_only: bool
     envoy_group: str | None = None  # group Envoy runs as: the SDS socket is handed to it (0660)
     manage_capture: bool = False  # an agent running as root applies and removes the capture rules itself
+    endpoint_hold_s: float = 45.0  # after a lost upstream: how long Envoy keeps endpoints istiod's first updates empty
     role: str = "sidecar"  # or "gateway": node type router, no capture, no DNS proxy, no probe (config/role.py)
 
 

@@ -40,6 +40,7 @@ from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
 from vm_agent.upstream import ClientCertProvider, UpstreamError, UpstreamSettings, call_metadata, open_channel
 from vm_agent.xds.downstream import ADS_SERVICE, METHODS, SOCKET_MODE, Downstream, ads_server
 from vm_agent.xds.eds_witness import ENDPOINT_TYPE_URL, EdsWitness
+from vm_agent.xds.endpoint_hold import NONCE_PREFIX, EndpointHold
 from vm_agent.xds.health_report import HealthReporter, Report, ReportPolicy
 from vm_agent.xds.pacing import DialPacer, PacingSettings
 from vm_agent.xds.wire import INTERNAL, Flavour, WireError, build_request, peek_request, peek_response
@@ -113,6 +114,9 @@ class XdsSettings:
     instance_ip: str | None = None
     """The address istiod registers this VM under: looked for in EDS to see whether a health report took."""
     pacing: PacingSettings = field(default_factory=PacingSettings)
+    endpoint_hold_s: float = 0.0
+    """After a lost upstream: how long Envoy keeps a cluster's endpoints that istiod's first updates empty
+    (endpoint_hold.py); 0 turns it off."""
     max_downstream_message_bytes: int = 4 * 1024 * 1024
 
 
@@ -240,6 +244,8 @@ class Proxy:
         self._reporter = HealthReporter(settings.health)
         self._witness = EdsWitness(settings.instance_ip) if settings.instance_ip else None
         self._pacer = DialPacer(settings.pacing)
+        self._hold = EndpointHold(settings.endpoint_hold_s)
+        self._upstream_lost = False
         self._streams_total = 0
         self._last_disconnect: dict[str, Any] | None = None
         self._last_connected_at: float | None = None
@@ -358,6 +364,9 @@ class Proxy:
                         tg.create_task(self._write_upstream(stream, call)),
                         tg.create_task(self._pump_responses(stream, call, downstream)),
                         tg.create_task(self._report_health(stream)),
+                        tg.create_task(
+                            self._hold.release_when_due(downstream.write, delta=stream.flavour is Flavour.DELTA)
+                        ),
                     ]
                     await stream.ended.wait()
                     for task in tasks:
@@ -432,6 +441,8 @@ class Proxy:
 
     def _record_end(self, stream: _Stream, end: _End) -> None:
         reason = classify(end.code)
+        if end.side == "upstream":
+            self._upstream_lost = True
         _DISCONNECTS.labels(end.side, end.code.name, reason).inc()
         self._last_disconnect = {
             "at": time.time(),
@@ -471,6 +482,10 @@ class Proxy:
             stream.requests += 1
             if head.response_nonce:
                 self._record_ack(head.type_url, head.error_message, "envoy")
+            if head.response_nonce.startswith(NONCE_PREFIX):
+                # Envoy answering a response the agent sent itself (endpoint_hold): istiod never saw that nonce.
+                stream.credits.release()
+                continue
             stream.forward(message)
             if not stream.initial_sent and head.type_url == LISTENER_TYPE_URL:
                 if self._settings.dns_enabled:
@@ -511,6 +526,9 @@ class Proxy:
                 stream.upstream_state = "streaming"
                 self._last_connected_at = time.time()
                 _UPSTREAM_UP.inc()
+                if self._upstream_lost:
+                    self._upstream_lost = False
+                    self._hold.reconnected()
             try:
                 head = peek_response(message)
             except WireError as exc:
@@ -534,6 +552,7 @@ class Proxy:
             elif forwardable(head.type_url):
                 if head.type_url == ENDPOINT_TYPE_URL:
                     self._witness_eds(stream, message)
+                    message = self._hold.forward(message, delta=stream.flavour is Flavour.DELTA)
                 state.forwarded += 1
                 _RESPONSES.labels(head.type_url, "forwarded").inc()
                 if self._rewrite is not None:
