@@ -164,6 +164,19 @@ class NameIndex:
         return records
 
 
+class TableRef:
+    """The NameIndex in service, shared by the UDP and TCP threads.
+
+    Replaced by one attribute assignment (atomic under the GIL), so a query sees the old or the new
+    index whole; None until the first NameTable.
+    """
+
+    __slots__ = ("index",)
+
+    def __init__(self) -> None:
+        self.index: NameIndex | None = None
+
+
 def _records(answer: Prebuilt) -> list[wire.Record]:
     """Decode the answer section back out of a prebuilt answer (names in it are uncompressed)."""
     if isinstance(answer, bytes):
