@@ -54,7 +54,7 @@ async def istio(
     request: pytest.FixtureRequest, make_server: ServerFactory, make_resolver: ResolverFactory
 ) -> tuple[DnsServer, TestResolver]:
     upstream = await make_resolver(cls=IstioUpstream)
-    upstreams = ((upstream.host, upstream.port),)
+    upstreams: tuple[tuple[str, int], ...] = ((upstream.host, upstream.port),)
     if request.param == "parallel":
         silent = await make_resolver("127.0.0.5", mode="silent")
         upstreams = ((silent.host, silent.port), *upstreams)
