@@ -31,7 +31,11 @@ async def serve(port: int, table: nds_pb2.NameTable, upstream: tuple[str, int]) 
         )
     )
     task = asyncio.create_task(server.run())
-    await server.ready.wait()
+    ready = asyncio.create_task(server.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()  # it cannot bind: say why instead of waiting forever
     await server.update(table)
     print("READY", flush=True)
     stop = asyncio.Event()
