@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.pilot_agent import PILOT_AGENT, pilot_agent  # noqa: E402
 from tests.helpers.agent import AgentProcess, sample_manifests, write_vm_files  # noqa: E402
 from tests.helpers.mesh import running_mesh  # noqa: E402
 from tests.helpers.net import free_port  # noqa: E402
@@ -35,8 +34,6 @@ from tests.helpers.net import free_port  # noqa: E402
 RESULTS = REPO / "bench" / "results" / "startup.md"
 RUNS = int(os.environ.get("BENCH_STARTUP_RUNS", "5"))
 NAMES = int(os.environ.get("BENCH_NAMETABLE_ENTRIES", "10000"))
-INTEROP_CACHE = Path(os.environ.get("VM_AGENT_INTEROP_CACHE", Path.home() / ".cache/vm-agent-interop"))
-PILOT_AGENT = INTEROP_CACHE / "bin/pilot-agent"
 
 
 def _rss_mb(pid: int) -> float:
@@ -105,27 +102,6 @@ async def one_run(tmp: Path, measure_memory: bool) -> dict[str, float]:
             _ = t0
 
 
-def _istio_bootstrap_template() -> Path | None:
-    """pilot-agent renders Envoy's bootstrap from the template istio-sidecar ships; take it from the Go module
-    cache the interop build filled (never committed here)."""
-    pin = INTEROP_CACHE / "bin" / "pilot-discovery.pin"
-    version = pin.read_text().split()[0] if pin.exists() else "v0.0.0-20260827124520-eed52ebb66ad"
-    try:
-        out = subprocess.run(
-            ["go", "mod", "download", "-json", f"istio.io/istio@{version}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-            env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/local/go/bin"},
-        )
-        folder = Path(json.loads(out.stdout)["Dir"])
-    except (OSError, subprocess.SubprocessError, KeyError, ValueError):
-        return None
-    template = folder / "tools/packaging/common/envoy_bootstrap.json"
-    return template if template.exists() else None
-
-
 async def pilot_agent_run(tmp: Path) -> dict[str, float] | None:
     """Istio's agent with the same files against the same mesh, to the same two milestones."""
     if not PILOT_AGENT.exists():
@@ -134,80 +110,19 @@ async def pilot_agent_run(tmp: Path) -> dict[str, float] | None:
         app_port, svc_port = free_port(), free_port()
         mesh.apply_yaml(sample_manifests(app_port=app_port, service_port=svc_port), source="bench")
         files = write_vm_files(mesh, namespace="vmns", group="vmapp", out=tmp / "files", internal_ip="127.0.9.3")
-        root = Path(tempfile.mkdtemp(prefix="pa", dir="/tmp"))
         try:
-            for sub in ("etc/certs", "var/run/secrets/tokens", "etc/istio/config", "etc/istio/proxy"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
-            shutil.copy(files / "root-cert.pem", root / "etc/certs/root-cert.pem")
-            shutil.copy(files / "istio-token", root / "var/run/secrets/tokens/istio-token")
-            shutil.copy(files / "mesh.yaml", root / "etc/istio/config/mesh")
-            template = _istio_bootstrap_template()
-            if template is None:
-                return None
-            (root / "var/lib/istio/envoy").mkdir(parents=True, exist_ok=True)
-            shutil.copy(template, root / "var/lib/istio/envoy/envoy_bootstrap_tmpl.json")
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("ISTIO_", "PROXY_CONFIG"))}
-            for line in (files / "cluster.env").read_text().splitlines():
-                key, _, value = line.partition("=")
-                env[key] = value.strip("'")
-            admin, status = free_port(), free_port()
-            from vm_agent.envoy_binary import find_envoy_binary
-
-            port = mesh.xds_address.rsplit(":", 1)[1]
-            env.update(
-                {
-                    "INSTANCE_IP": "127.0.9.3",
-                    "POD_NAME": "vm1",
-                    "POD_NAMESPACE": "vmns",
-                    "PROV_CERT": "./etc/certs",
-                    "OUTPUT_CERTS": "./etc/certs",
-                    "CA_ADDR": f"localhost:{port}",
-                    "PROXY_CONFIG": (
-                        f"discoveryAddress: localhost:{port}\nproxyAdminPort: {admin}\nstatusPort: {status}\n"
-                        f"binaryPath: {find_envoy_binary()}\ninterceptionMode: NONE\n"
-                    ),
-                    "DNS_PROXY_ADDR": f"127.0.0.1:{free_port()}",
-                    "ENVOY_STATUS_PORT": str(free_port()),
-                    "ENVOY_PROMETHEUS_PORT": str(free_port()),
-                    "CLOUD_PLATFORM": "none",
-                }
-            )
-            log = (root / "pilot-agent.log").open("wb")
-            proc = subprocess.Popen(
-                [str(PILOT_AGENT), "proxy", "sidecar"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-            try:
-                from urllib.request import urlopen
-
-                def live() -> bool:
-                    try:
-                        with urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-                            return bool(r.read().strip() == b"LIVE")
-                    except OSError:
-                        return False
-
-                def ready() -> bool:
-                    try:
-                        with urlopen(f"http://127.0.0.1:{status}/healthz/ready", timeout=1) as r:
-                            return int(r.status) == 200
-                    except OSError:
-                        return False
-
-                t_live = await _until(live, 60)
-                t_ready = await _until(ready, 60) + t_live
-                await asyncio.sleep(2)
-                return {"live_s": t_live, "ready_s": t_ready, "rss_start_mb": _rss_mb(proc.pid)}
-            except TimeoutError:
-                print((root / "pilot-agent.log").read_text()[-3000:], file=sys.stderr)
-                return None
-            finally:
-                proc.terminate()
+            with pilot_agent(mesh, files, instance_ip="127.0.9.3") as agent:
                 try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+                    t_live = await _until(agent.live, 60)
+                    t_ready = await _until(agent.ready, 60) + t_live
+                except TimeoutError:
+                    print(agent.log_tail(), file=sys.stderr)
+                    return None
+                await asyncio.sleep(2)
+                return {"live_s": t_live, "ready_s": t_ready, "rss_start_mb": _rss_mb(agent.pid)}
+        except FileNotFoundError as err:
+            print(f"bench_startup: no pilot-agent run: {err}", file=sys.stderr)
+            return None
 
 
 async def run() -> str:

@@ -1,7 +1,8 @@
-"""Run a DnsServer for the benchmark: ``python -m bench.dns.serve PORT NAMES UPSTREAM_HOST UPSTREAM_PORT``.
+"""Run a DnsServer for the benchmark: ``python -m bench.dns.serve PORT TABLE UPSTREAM_HOST UPSTREAM_PORT``.
 
-Serves ``svcN.bench.mesh`` (N < NAMES) from a NameTable, forwards everything else to the upstream,
-prints ``READY`` once bound and the table is loaded, and stops on SIGTERM.
+Serves the NameTable in the file TABLE (a serialized ``NameTable``, the one the local mesh pushed to
+pilot-agent), forwards everything else to the upstream, prints ``READY`` once bound and the table is
+loaded, and stops on SIGTERM.  Namespace and search list are the ones pilot-agent gets.
 """
 
 from __future__ import annotations
@@ -10,35 +11,32 @@ import asyncio
 import contextlib
 import signal
 import sys
-
-import uvloop
+from pathlib import Path
 
 from vm_agent.dns import DnsServer, DnsSettings
 from vm_agent.proto import nds_pb2
 
-
-def name_table(names: int) -> nds_pb2.NameTable:
-    table = nds_pb2.NameTable()
-    for i in range(names):
-        info = table.table[f"svc{i}.bench.mesh"]
-        info.ips.append(f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}")
-        info.registry = "External"
-    return table
+NAMESPACE = "vmns"
+SEARCH = (f"{NAMESPACE}.svc.cluster.local", "svc.cluster.local", "cluster.local")
 
 
-async def serve(port: int, names: int, upstream: tuple[str, int]) -> None:
+async def serve(port: int, table: nds_pb2.NameTable, upstream: tuple[str, int]) -> None:
     server = DnsServer(
         DnsSettings(
             listen=(("127.0.0.1", port),),
             upstreams=(upstream,),
-            search_domains=("bench.svc.cluster.local",),
-            pod_namespace="bench",
+            search_domains=SEARCH,
+            pod_namespace=NAMESPACE,
             proxy_domain="svc.cluster.local",
         )
     )
     task = asyncio.create_task(server.run())
-    await server.ready.wait()
-    await server.update(name_table(names))
+    ready = asyncio.create_task(server.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()  # it cannot bind: say why instead of waiting forever
+    await server.update(table)
     print("READY", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -49,8 +47,9 @@ async def serve(port: int, names: int, upstream: tuple[str, int]) -> None:
 
 
 def main() -> None:
-    port, names, host, up_port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    uvloop.run(serve(port, names, (host, up_port)))
+    port, path, host, up_port = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    table = nds_pb2.NameTable.FromString(path.read_bytes())
+    asyncio.run(serve(port, table, (host, up_port)))
 
 
 if __name__ == "__main__":

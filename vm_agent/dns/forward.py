@@ -1,20 +1,18 @@
-"""Forwarding queries the NameTable does not own to the original resolv.conf servers.
+"""Forwarding over TCP to the original resolv.conf servers (UDP forwarding lives in ``udp``).
 
-The client's packet goes out unchanged (flags, EDNS0) over the client's transport: over TCP on a
-fresh connection like miekg/dns's client, over UDP on one shared connected socket per upstream
-under a fresh random ID (the client's ID is restored on the reply).  Sequential mode tries the
-servers in a shuffled order until one answers (any RCODE is an answer); parallel mode asks all
-and takes the first answer.  None means every server failed.
+The client's packet goes out unchanged (flags, EDNS0) on a fresh connection per query, like
+miekg/dns's client in Istio's agent.  Sequential mode tries the servers in a shuffled order until
+one answers (any RCODE is an answer); parallel mode asks all and takes the first answer.  None means
+every server failed.  Both transports share ``upstream_order`` and the reply check, so they fail
+over the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import struct
 from collections.abc import Sequence
-from typing import Any, cast
 
 from vm_agent.dns import wire
 from vm_agent.dns.index import IdSource, random_id, shuffle
@@ -29,7 +27,19 @@ class UpstreamError(Exception):
     """One exchange with one upstream failed."""
 
 
-class Forwarder:
+def upstream_name(upstream: Address) -> str:
+    return f"{upstream[0]}:{upstream[1]}"
+
+
+def upstream_order(count: int, next_id: IdSource = random_id) -> list[int]:
+    """Indexes of the upstreams in the order one query tries them: Istio shuffles the resolv.conf
+    servers per query with the same round-robin it applies to answers."""
+    order = list(range(count))
+    shuffle(order, next_id)
+    return order
+
+
+class TcpForwarder:
     def __init__(
         self,
         upstreams: Sequence[Address],
@@ -41,49 +51,25 @@ class Forwarder:
         self.timeout = timeout
         self.parallel = parallel
         self._next_id = next_id
-        self.failures: dict[str, int] = {f"{h}:{p}": 0 for h, p in self.upstreams}
-        self._channels: dict[Address, _UdpChannel] = {}
-        self._opening = asyncio.Lock()
+        # "host:port" → failed exchanges; only this forwarder's thread writes it.
+        self.failures: dict[str, int] = {upstream_name(u): 0 for u in self.upstreams}
 
-    async def _channel(self, upstream: Address) -> _UdpChannel:
-        channel = self._channels.get(upstream)
-        if channel is not None and channel.transport is not None:
-            return channel
-        # Queries racing to open the same channel must share one socket, not leak the others.
-        async with self._opening:
-            channel = self._channels.get(upstream)
-            if channel is None or channel.transport is None:
-                fresh = _UdpChannel(f"{upstream[0]}:{upstream[1]}")
-                await asyncio.get_running_loop().create_datagram_endpoint(lambda: fresh, remote_addr=upstream)
-                self._channels[upstream] = channel = fresh
-            return channel
-
-    def close(self) -> None:
-        """Close the upstream sockets (in the loop that used them)."""
-        for channel in self._channels.values():
-            if channel.transport is not None:
-                channel.transport.close()
-        self._channels.clear()
-        self._opening = asyncio.Lock()  # the next run() uses a new event loop
-
-    async def exchange(self, query: bytes, tcp: bool, bufsize: int) -> bytes | None:
+    async def exchange(self, query: bytes) -> bytes | None:
         """The first upstream reply to ``query``, or None when every server failed."""
         if not self.upstreams:
             return None
         if self.parallel and len(self.upstreams) > 1:
-            return await self._parallel(query, tcp, bufsize)
-        order = list(self.upstreams)
-        shuffle(order, self._next_id)
-        for upstream in order:
+            return await self._parallel(query)
+        for i in upstream_order(len(self.upstreams), self._next_id):
             try:
-                return await self._one(upstream, query, tcp, bufsize)
+                return await self._one(self.upstreams[i], query)
             except UpstreamError as err:
                 # Per query, so debug: a dead resolver shows in the failure counters instead.
                 log.debug("%s", err)
         return None
 
-    async def _parallel(self, query: bytes, tcp: bool, bufsize: int) -> bytes | None:
-        tasks = [asyncio.create_task(self._one(u, query, tcp, bufsize)) for u in self.upstreams]
+    async def _parallel(self, query: bytes) -> bytes | None:
+        tasks = [asyncio.create_task(self._one(u, query)) for u in self.upstreams]
         try:
             for next_done in asyncio.as_completed(tasks):
                 try:
@@ -96,84 +82,17 @@ class Forwarder:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _one(self, upstream: Address, query: bytes, tcp: bool, bufsize: int) -> bytes:
+    async def _one(self, upstream: Address, query: bytes) -> bytes:
         try:
             async with asyncio.timeout(self.timeout):
-                if tcp:
-                    reply = await _tcp_exchange(upstream, query)
-                else:
-                    reply = await (await self._channel(upstream)).exchange(query, bufsize)
+                reply = await _tcp_exchange(upstream, query)
             # miekg/dns unpacks the reply; one it cannot parse counts as a failed server.
-            wire.parse_message(reply)
+            wire.check_reply(reply)
             return reply
         except Exception as err:
-            self.failures[f"{upstream[0]}:{upstream[1]}"] += 1
+            self.failures[upstream_name(upstream)] += 1
             reason = "timed out" if isinstance(err, TimeoutError) else str(err) or type(err).__name__
-            raise UpstreamError(f"{upstream[0]}:{upstream[1]}: {reason}") from None
-
-
-class _UdpChannel(asyncio.DatagramProtocol):
-    """One connected UDP socket to one upstream, shared by all queries in flight to it.
-
-    Each query goes out under a fresh random ID (the client's is put back on the reply), so
-    concurrent clients using the same ID cannot be confused.  Connecting the socket makes the
-    kernel drop datagrams from anyone but the upstream and turns ICMP port-unreachable into an
-    error, so a dead server fails fast instead of timing out.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.transport: asyncio.DatagramTransport | None = None
-        # our ID → (future, the client's UDP size, the client's ID)
-        self.waiting: dict[int, tuple[asyncio.Future[bytes], int, bytes]] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's UDP transport is not an asyncio.DatagramTransport subclass, only quacks like one.
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) < wire.HEADER_LEN or not data[2] & 0x80:
-            return
-        entry = self.waiting.pop((data[0] << 8) | data[1], None)
-        if entry is None:
-            return  # late (timed out) or not ours
-        future, bufsize, client_id = entry
-        if future.done():
-            return
-        if len(data) > bufsize:
-            # What a receive buffer of the client's size would do to an untruncated reply.
-            future.set_exception(UpstreamError(f"reply of {len(data)} bytes exceeds the client's UDP size {bufsize}"))
-        else:
-            future.set_result(client_id + data[2:])
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors do not say which query they belong to: fail them all, the next server gets them.
-        self._fail_all(UpstreamError(f"{self.name}: {exc.strerror if isinstance(exc, OSError) else exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self._fail_all(UpstreamError(f"{self.name}: socket closed"))
-
-    def _fail_all(self, err: UpstreamError) -> None:
-        waiting, self.waiting = self.waiting, {}
-        for future, _, _ in waiting.values():
-            if not future.done():
-                future.set_exception(err)
-
-    async def exchange(self, query: bytes, bufsize: int) -> bytes:
-        if self.transport is None or len(self.waiting) >= 0x8000:
-            raise UpstreamError(f"{self.name}: channel unavailable")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        qid = random.getrandbits(16)
-        while qid in self.waiting:
-            qid = random.getrandbits(16)
-        self.waiting[qid] = (future, bufsize, query[0:2])
-        try:
-            self.transport.sendto(qid.to_bytes(2, "big") + query[2:])
-            return await future
-        finally:
-            if self.waiting.get(qid, (None,))[0] is future:
-                del self.waiting[qid]
+            raise UpstreamError(f"{upstream_name(upstream)}: {reason}") from None
 
 
 async def _tcp_exchange(upstream: Address, query: bytes) -> bytes:

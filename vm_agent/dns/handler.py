@@ -94,6 +94,47 @@ def fast_reply(exact: dict[bytes, Prebuilt], data: bytes, tcp: bool, next_id: Id
     return reply
 
 
+def plain_miss(index: NameIndex | None, data: bytes) -> int | None:
+    """The UDP reply size limit for a plain query the table does not answer (forward it as it is), or
+    None when ``handle`` must decide.
+
+    The cheap test the forwarder runs instead of parsing: the header ``fast_reply`` accepts, one
+    uncompressed question that is whole, at most an OPT record, and a name the table does not own
+    (an A/AAAA query against a table with wildcards, or of another class, goes to ``handle``).
+    """
+    accepted = _ACCEPTED.get(data[2:12])
+    if accepted is None:
+        return None
+    size = len(data)
+    pos = 12
+    while True:
+        if pos >= size:
+            return None
+        length = data[pos]
+        if length == 0:
+            break
+        if length > wire.MAX_LABEL_LEN:
+            return None  # a pointer (legal, rare in a question) or garbage: the parser decides
+        pos += 1 + length
+    qend = pos + 5
+    if pos - 12 >= wire.MAX_NAME_LEN or qend > size:
+        return None
+    if (
+        index is not None
+        and data[pos + 1] == 0
+        and data[pos + 2] in (wire.TYPE_A, wire.TYPE_AAAA)
+        and (index.wildcards or data[pos + 3 : qend] != b"\x00\x01" or data[12:qend].lower() in index.exact)
+    ):
+        return None
+    if not accepted[1]:
+        return wire.MIN_UDP_SIZE if size == qend else None
+    if data[qend : qend + 3] != _OPT_HEAD or size < qend + 11:
+        return None
+    if size != qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]):
+        return None
+    return max((data[qend + 3] << 8) | data[qend + 4], wire.MIN_UDP_SIZE)
+
+
 _HEADER_COUNTS = struct.Struct(">HHHH")
 
 

@@ -4,8 +4,9 @@ Built once per NDS update (pure code, no I/O) and then only read, so the DNS thr
 index while a new one is being built and the swap is a single reference assignment.
 
 The rules are Istio's (pkg/dns/client): alternate host names per registry, one A/AAAA RRset per
-name with TTL 30, a CNAME from ``<name>.<first search domain>`` to the name, wildcards matched most
-specific first, and NOERROR with no records for a known name of the other family.
+name with TTL 30, a CNAME from ``<name>.<first search domain>`` to the name (unless the name already
+ends in that domain), wildcards matched most specific first, and NOERROR with no records for a known
+name of the other family.
 """
 
 from __future__ import annotations
@@ -163,6 +164,19 @@ class NameIndex:
         return records
 
 
+class TableRef:
+    """The NameIndex in service, shared by the UDP and TCP threads.
+
+    Replaced by one attribute assignment (atomic under the GIL), so a query sees the old or the new
+    index whole; None until the first NameTable.
+    """
+
+    __slots__ = ("index",)
+
+    def __init__(self) -> None:
+        self.index: NameIndex | None = None
+
+
 def _records(answer: Prebuilt) -> list[wire.Record]:
     """Decode the answer section back out of a prebuilt answer (names in it are uncompressed)."""
     if isinstance(answer, bytes):
@@ -232,8 +246,11 @@ def build_index(
     """
     if not isinstance(table, nds_pb2.NameTable):
         raise ValueError(f"NameTable expected, got {type(table).__name__}")
-    search = search_domains[0] if search_domains else ""
-    search_wire = wire.text_to_name(search, "first search domain").lower() if search else b""
+    search = search_domains[0].lower().rstrip(".") if search_domains else ""
+    search_wire = wire.text_to_name(search, "first search domain") if search else b""
+    # Istio skips the shortcut for a name that already ends in the first search domain, as text (so
+    # "productpage.ns1.svc.cluster.local.ns1.svc.cluster.local." is forwarded: the upstream answers it).
+    search_suffix = search + "." if search else ""
     hosts: dict[bytes, _Host] = {}
     skipped = 0
     for hostname, info in table.table.items():
@@ -245,7 +262,7 @@ def build_index(
             skipped += 1
             continue
         own = {w.lower() for w in wires}
-        for name_wire in wires:
+        for name, name_wire in zip(names, wires, strict=True):
             key = name_wire.lower()
             host = hosts.get(key)
             if host is None:
@@ -254,7 +271,7 @@ def build_index(
                 host.v4 = v4
             if v6:
                 host.v6 = v6
-            if search_wire:
+            if search_wire and not name.lower().endswith(search_suffix):
                 expanded = key[:-1] + search_wire
                 # Too long to ever be asked for; Istio stores it anyway, we need not.
                 if len(expanded) <= wire.MAX_NAME_LEN and expanded not in own:

@@ -1,10 +1,10 @@
 """The DNS proxy: UDP and TCP listeners answering from the NameIndex and forwarding the rest.
 
-Threads, and why: the agent's event loop also runs xDS, SDS and health, so DNS gets its own
-thread with its own uvloop loop (TCP, forwarding) and one blocking reader thread per UDP socket.
-A table hit on UDP is then ``recvfrom`` → dict lookup → ``sendto`` with no event-loop round trip;
-only misses cross into the DNS loop to be forwarded.  The NameIndex is swapped by assigning one
-attribute, which is atomic under the GIL, so a query sees either the old or the new table whole.
+Threads, and why: the agent's event loop also runs xDS, SDS and health, so DNS gets its own.  UDP,
+nearly all DNS traffic, is served by ``udp.UdpEngine`` on one thread without an event loop (table
+hits and forwards alike); TCP runs on an event loop (uvloop when installed) in a second thread.  The
+NameIndex is swapped by assigning one attribute (``TableRef.index``), atomic under the GIL, so a
+query sees either the old or the new table whole.  Each thread counts into its own ``DnsStats``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import ipaddress
 import socket
 import struct
@@ -22,21 +21,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import uvloop
 from google.protobuf import json_format
 
 from vm_agent.dns import wire
-from vm_agent.dns.forward import Forwarder
-from vm_agent.dns.handler import Decision, Outcome, fast_reply, handle, servfail
-from vm_agent.dns.index import NameIndex, alternate_hosts, build_index, random_id
+from vm_agent.dns.forward import TcpForwarder
+from vm_agent.dns.handler import Outcome, handle, servfail
+from vm_agent.dns.index import NameIndex, TableRef, alternate_hosts, build_index
 from vm_agent.dns.metrics import DnsStats, register
+from vm_agent.dns.udp import UdpEngine
 from vm_agent.logs import get_logger
 from vm_agent.proto import nds_pb2
 
+try:
+    import uvloop
+except ImportError:  # optional: the TCP side runs on asyncio's own loop without it
+    uvloop = None  # type: ignore[assignment]
+
 log = get_logger("dns")
 
-# Bounds that keep a flood or a slow client from growing memory without limit.
-MAX_PENDING_FORWARDS = 2048
+# Bounds that keep a slow client from growing memory without limit.
 MAX_TCP_CLIENTS = 256
 TCP_IDLE_TIMEOUT = 10.0
 UDP_RCVBUF = 4 << 20
@@ -93,12 +96,17 @@ class DnsServer:
     def __init__(self, settings: DnsSettings) -> None:
         self.settings = settings
         self.ready = asyncio.Event()
-        self._index: NameIndex | None = None
+        self._current = TableRef()
         self._table: nds_pb2.NameTable | None = None
-        self._stats = DnsStats()
+        self._stats = DnsStats()  # TCP: the DNS loop's thread
+        self._udp_stats = DnsStats()  # UDP: the engine's thread
         register(self._stats)
-        self._forwarder = Forwarder(settings.upstreams, settings.forward_timeout, settings.forward_parallel)
+        register(self._udp_stats)
+        self._forwarder = TcpForwarder(settings.upstreams, settings.forward_timeout, settings.forward_parallel)
         self._stats.upstream_failures = self._forwarder.failures
+        # Kept across runs (counters never go back); the UDP engine of each run counts into it.
+        self._udp_stats.upstream_failures = {f"{h}:{p}": 0 for h, p in settings.upstreams}
+        self._engine: UdpEngine | None = None
         self._updates = 0
         self._rejected = 0
         self._last_error = ""
@@ -107,11 +115,9 @@ class DnsServer:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
-        self._pending: set[asyncio.Task[None]] = set()
         self._tcp_tasks: set[asyncio.Task[Any]] = set()
         self.tcp_idle_timeout = TCP_IDLE_TIMEOUT
         self._update_lock = asyncio.Lock()
-        self._group: asyncio.TaskGroup | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class DnsServer:
                 loop.call_soon_threadsafe(event.set)
 
     def _thread_main(self, started: concurrent.futures.Future[None], finished: concurrent.futures.Future[None]) -> None:
-        loop = uvloop.new_event_loop()
+        loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
         # A running future cannot be cancelled, so run() being cancelled (which cancels the
         # wrappers) cannot make our set_result calls fail; run() stops us through _request_stop.
         finished.set_running_or_notify_cancel()
@@ -166,11 +172,13 @@ class DnsServer:
             loop.close()
 
     async def _serve(self, started: concurrent.futures.Future[None]) -> None:
-        self._stop_event = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
+        self._stop_event = stop_event = asyncio.Event()
+        self._loop = loop = asyncio.get_running_loop()
         udp_socks: list[socket.socket] = []
-        readers: list[threading.Thread] = []
         servers: list[asyncio.Server] = []
+        engine: UdpEngine | None = None
+        udp_thread: threading.Thread | None = None
+        udp_failed: list[BaseException] = []
         try:
             for host, port in self.settings.listen:
                 udp, tcp = _bind_pair(host, port)
@@ -179,33 +187,42 @@ class DnsServer:
                 self._bound.append((host, udp.getsockname()[1]))
             if self._stopping or not started.set_running_or_notify_cancel():
                 return
-            for udp in udp_socks:
-                reader = threading.Thread(target=self._udp_reader, args=(udp,), name="vm-agent-dns-udp", daemon=True)
-                reader.start()
-                readers.append(reader)
-            # Forwards run in this group; it waits for them (cancelled below) before we close.
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                started.set_result(None)
-                await self._stop_event.wait()
-                self._stopping = True
-                for task in [*self._pending, *self._tcp_tasks]:
-                    task.cancel()
+            s = self.settings
+            engine = UdpEngine(
+                udp_socks, s.upstreams, s.forward_timeout, s.forward_parallel, self._current, self._udp_stats
+            )
+            self._engine = engine
+
+            def serve_udp(engine: UdpEngine = engine) -> None:
+                try:
+                    engine.run()
+                except BaseException as err:
+                    udp_failed.append(err)
+                finally:
+                    # The engine only returns early on a bug: stop the whole proxy so run() reports it.
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(stop_event.set)
+
+            udp_thread = threading.Thread(target=serve_udp, name="vm-agent-dns-udp", daemon=True)
+            udp_thread.start()
+            started.set_result(None)
+            await stop_event.wait()
+            if udp_failed:
+                raise RuntimeError("DNS UDP thread failed") from udp_failed[0]
+            self._stopping = True
         finally:
             self._stopping = True
-            self._group = None
-            for udp in udp_socks:
-                # Wakes the reader blocked in recvfrom (Linux returns an empty read).
-                with contextlib.suppress(OSError):
-                    udp.shutdown(socket.SHUT_RDWR)
             for server in servers:
                 server.close()
             for task in self._tcp_tasks:
                 task.cancel()
             await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
-            self._forwarder.close()
-            for reader in readers:
-                await asyncio.to_thread(reader.join, 5)
+            if engine is not None:
+                engine.stop()
+                if udp_thread is not None:
+                    await asyncio.to_thread(udp_thread.join, 5)
+                engine.close()
+            self._engine = None
             for udp in udp_socks:
                 udp.close()
             for server in servers:
@@ -232,7 +249,7 @@ class DnsServer:
             self._last_error = str(err)
             log.warning("NameTable rejected, keeping the previous one: %s", err)
             raise
-        self._index = index
+        self._current.index = index
         self._table = kept
         self._updates += 1
         self._last_update = time.time()
@@ -240,18 +257,18 @@ class DnsServer:
         log.info("NameTable applied: %d entries, %d names", index.entries, len(index))
 
     def table_loaded(self) -> bool:
-        return self._index is not None
+        return self._current.index is not None
 
     async def readiness(self) -> str | None:
         """A readiness check for the status server: Istio's /healthz/ready waits for the NameTable."""
         if not self.ready.is_set():
             return "DNS proxy is not listening yet"
-        if self._index is None:
+        if self._current.index is None:
             return "DNS proxy has not received a NameTable yet"
         return None
 
     def ndsz(self) -> dict[str, Any]:
-        index, table = self._index, self._table
+        index, table = self._current.index, self._table
         if index is None or table is None:
             return {"loaded": False}
         s = self.settings
@@ -265,7 +282,12 @@ class DnsServer:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        index = self._index
+        index = self._current.index
+        tcp, udp, engine = self._stats, self._udp_stats, self._engine
+        failures = {
+            name: self._forwarder.failures.get(name, 0) + udp.upstream_failures.get(name, 0)
+            for name in tcp.upstream_failures
+        }
         return {
             "listening": [f"{h}:{p}" for h, p in self._bound],
             "ready": self.ready.is_set(),
@@ -276,99 +298,21 @@ class DnsServer:
             "table_rejected": self._rejected,
             "last_error": self._last_error,
             "last_update": self._last_update,
-            "queries": self._stats.queries(),
-            "responses": self._stats.responses(),
-            "forwarded": {"ok": self._stats.forward_ok, "failed": self._stats.forward_failed},
+            "queries": _add(tcp.queries(), udp.queries()),
+            "responses": _add(tcp.responses(), udp.responses()),
+            "forwarded": {"ok": tcp.forward_ok + udp.forward_ok, "failed": tcp.forward_failed + udp.forward_failed},
             "upstreams": [
-                {"address": f"{h}:{p}", "failures": self._forwarder.failures.get(f"{h}:{p}", 0)}
-                for h, p in self.settings.upstreams
+                {"address": f"{h}:{p}", "failures": failures.get(f"{h}:{p}", 0)} for h, p in self.settings.upstreams
             ],
             "forward_parallel": self.settings.forward_parallel,
             "forward_timeout": self.settings.forward_timeout,
-            "pending_forwards": len(self._pending),
+            "pending_forwards": (engine.pending if engine is not None else 0) + len(self._tcp_tasks),
         }
 
     @property
     def bound(self) -> list[tuple[str, int]]:
         """The addresses actually bound (ports resolved when 0 was asked for)."""
         return list(self._bound)
-
-    # ---- UDP -------------------------------------------------------------------------------
-
-    def _udp_reader(self, sock: socket.socket) -> None:
-        recvfrom, sendto = sock.recvfrom, sock.sendto
-        stats = self._stats
-        next_id = random_id
-        while not self._stopping:
-            try:
-                data, addr = recvfrom(65535)
-            except OSError as err:
-                if err.errno == errno.EBADF:
-                    break
-                continue  # e.g. ECONNREFUSED left over from an ICMP error: nothing to answer
-            if not data:
-                continue
-            try:
-                index = self._index
-                if index is not None:
-                    reply = fast_reply(index.exact, data, False, next_id)
-                    if reply is not None:
-                        sendto(reply, addr)
-                        stats.fast_hits += 1
-                        continue
-                self._udp_slow(sock, data, addr, handle(index, data, False, next_id, try_fast=False))
-            except Exception:
-                # A bug must not take DNS down for the whole host; count it and keep serving.
-                stats.outcome("error")
-                log.exception("DNS query from %s failed", addr)
-
-    def _udp_slow(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
-        stats = self._stats
-        if decision.outcome in (Outcome.MISS, Outcome.UNSYNCED):
-            loop = self._loop
-            if loop is None or len(self._pending) >= MAX_PENDING_FORWARDS:
-                stats.outcome("overload")
-                return  # the client retries; better than queueing without bound
-            stats.outcome(decision.outcome.value)
-            loop.call_soon_threadsafe(self._start_forward, sock, data, addr, decision)
-            return
-        stats.outcome(decision.outcome.value)
-        if decision.reply is not None:
-            sock.sendto(decision.reply, addr)
-            stats.rcode(decision.reply)
-
-    def _start_forward(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
-        group = self._group
-        if self._stopping or group is None:
-            return
-        task = group.create_task(self._forward_udp(sock, data, addr, decision))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _forward_udp(self, sock: socket.socket, data: bytes, addr: Any, decision: Decision) -> None:
-        assert decision.message is not None
-        try:
-            reply = await self._forward(data, False, wire.udp_limit(decision.message.edns_size), decision.message)
-            sock.sendto(reply, addr)
-        except OSError:
-            pass  # the client went away; nothing to tell it
-        except Exception:
-            # One query's bug must not cancel the others in the group, and the client still gets an answer
-            # (SERVFAIL) instead of waiting for its own timeout.
-            self._stats.outcome("error")
-            log.exception("forwarding a query from %s failed", addr)
-            with contextlib.suppress(OSError):
-                sock.sendto(servfail(decision.message), addr)
-
-    async def _forward(self, data: bytes, tcp: bool, bufsize: int, msg: wire.Message) -> bytes:
-        reply = await self._forwarder.exchange(data, tcp, bufsize)
-        if reply is None:
-            self._stats.forward_failed += 1
-            reply = servfail(msg)
-        else:
-            self._stats.forward_ok += 1
-        self._stats.rcode(reply)
-        return reply
 
     # ---- TCP -------------------------------------------------------------------------------
 
@@ -402,7 +346,7 @@ class DnsServer:
     async def _tcp_answer(self, data: bytes) -> bytes | None:
         stats = self._stats
         try:
-            decision = handle(self._index, data, True)
+            decision = handle(self._current.index, data, True)
         except Exception:
             stats.outcome("error")
             log.exception("DNS query over TCP failed")
@@ -410,10 +354,21 @@ class DnsServer:
         stats.outcome(decision.outcome.value)
         if decision.outcome in (Outcome.MISS, Outcome.UNSYNCED):
             assert decision.message is not None
-            return await self._forward(data, True, wire.MAX_MSG_SIZE, decision.message)
+            reply = await self._forwarder.exchange(data)
+            if reply is None:
+                stats.forward_failed += 1
+                reply = servfail(decision.message)
+            else:
+                stats.forward_ok += 1
+            stats.rcode(reply)
+            return reply
         if decision.reply is not None:
             stats.rcode(decision.reply)
         return decision.reply
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
 
 
 def _build(

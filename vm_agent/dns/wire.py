@@ -156,6 +156,57 @@ def parse_message(data: bytes) -> Message:
     return Message(msg_id, flags, qd, an, ns, ar, qname, qtype, qclass, edns_size)
 
 
+def _skip_name(data: bytes, pos: int) -> int:
+    """The offset just past the name at ``pos``, checked like ``read_name`` but without building it."""
+    size = len(data)
+    end = -1
+    floor = pos
+    octets = 0
+    while True:
+        if pos >= size:
+            raise FormatError(f"name at offset {floor} runs past the end of the packet ({size} bytes)")
+        length = data[pos]
+        if length == 0:
+            return end if end >= 0 else pos + 1
+        if length < 0x40:
+            octets += 1 + length
+            if octets >= MAX_NAME_LEN or pos + 1 + length > size:
+                raise FormatError(f"label at offset {pos} is too long or runs past the end of the packet")
+            pos += 1 + length
+        elif length >= 0xC0:
+            if pos + 1 >= size:
+                raise FormatError(f"compression pointer at offset {pos} is cut off")
+            target = ((length & 0x3F) << 8) | data[pos + 1]
+            if end < 0:
+                end = pos + 2
+            if target >= floor:
+                raise FormatError(f"compression pointer at offset {pos} points forward or loops (to {target})")
+            floor = pos = target
+        else:
+            raise FormatError(f"label type 0x{length & 0xC0:02x} at offset {pos} is not supported")
+
+
+def check_reply(data: bytes) -> None:
+    """``FormatError`` unless ``data`` is a whole DNS message: what an upstream must send to count as
+    an answer (miekg/dns unpacks it).  The same checks as ``parse_message``, without building names."""
+    if len(data) < HEADER_LEN:
+        raise FormatError(f"packet of {len(data)} bytes is shorter than the {HEADER_LEN}-byte header")
+    _id, _flags, qd, an, ns, ar = _HEADER.unpack_from(data, 0)
+    pos = HEADER_LEN
+    size = len(data)
+    for _ in range(qd):
+        pos = _skip_name(data, pos) + 4
+        if pos > size:
+            raise FormatError(f"question is cut off at offset {pos - 4}")
+    for _ in range(an + ns + ar):
+        pos = _skip_name(data, pos)
+        if pos + 10 > size:
+            raise FormatError(f"resource record is cut off at offset {pos}")
+        pos += 10 + ((data[pos + 8] << 8) | data[pos + 9])
+        if pos > size:
+            raise FormatError("rdata runs past the end of the packet")
+
+
 def udp_limit(edns_size: int | None) -> int:
     """The largest UDP reply the client accepts: its EDNS0 size, never below 512."""
     if edns_size is None or edns_size < MIN_UDP_SIZE:

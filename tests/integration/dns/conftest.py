@@ -24,8 +24,8 @@ ResolverFactory = Callable[..., Awaitable[TestResolver]]
 async def make_resolver() -> AsyncIterator[ResolverFactory]:
     started: list[TestResolver] = []
 
-    async def make(host: str = "127.0.0.3", **kw: Any) -> TestResolver:
-        r = TestResolver(host, free_tcp_udp_port(host), **kw)
+    async def make(host: str = "127.0.0.3", cls: type[TestResolver] = TestResolver, **kw: Any) -> TestResolver:
+        r = cls(host, free_tcp_udp_port(host), **kw)
         await r.start()
         started.append(r)
         return r

@@ -14,6 +14,7 @@ from tests.helpers.net import free_tcp_udp_port
 from tests.integration.dns.conftest import ResolverFactory, ServerFactory, entry
 from tests.integration.dns.resolver import TestResolver, exchange, question, tcp_exchange, udp_exchange
 from vm_agent.dns import DnsServer, DnsSettings
+from vm_agent.dns.udp import UdpEngine
 from vm_agent.metrics import REGISTRY
 from vm_agent.proto import nds_pb2
 
@@ -470,3 +471,22 @@ async def test_cancel_during_startup_is_clean(upstream: TestResolver) -> None:
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
             with socket.socket(socket.AF_INET, kind) as s:
                 s.bind(("127.0.0.1", port))
+
+
+async def test_a_failing_udp_thread_stops_the_proxy_loudly(
+    monkeypatch: pytest.MonkeyPatch, upstream: TestResolver
+) -> None:
+    def broken(self: UdpEngine) -> None:
+        raise OSError("epoll went away")
+
+    monkeypatch.setattr(UdpEngine, "run", broken)
+    settings = DnsSettings(
+        listen=(("127.0.0.1", free_tcp_udp_port("127.0.0.1")),),
+        upstreams=((upstream.host, upstream.port),),
+        search_domains=(),
+        pod_namespace="ns1",
+        proxy_domain="",
+    )
+    with pytest.raises(RuntimeError, match="DNS UDP thread failed"):
+        async with asyncio.timeout(10):
+            await DnsServer(settings).run()

@@ -4,7 +4,10 @@ Each example is a seed — a real query, a random header, or raw bytes — plus 
 random source that derives ``MUTATIONS`` variants from it (bit flips, truncation, splices,
 count and length-byte edits).  ``EXAMPLES * MUTATIONS * 2`` (UDP and TCP) ≥ 100,000 packets a run.
 Properties: nothing raises; a reply echoes the query's ID and is a response; a reply with
-records carries exactly one question, the query's own; every reply is a well-formed message.
+records carries exactly one question, the query's own; every reply is a well-formed message.  The UDP
+forwarder's shortcuts agree with the general path on the same packets: ``plain_miss`` only lets through
+what ``handle`` would forward, with the same size limit, and ``wire.check_reply`` accepts exactly what
+``wire.parse_message`` accepts (but for the OPT rules only a query needs).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vm_agent.dns import wire
-from vm_agent.dns.handler import Outcome, handle
+from vm_agent.dns.handler import Outcome, handle, plain_miss
 from vm_agent.dns.index import NameIndex, build_index
 from vm_agent.proto import nds_pb2
 
@@ -25,13 +28,13 @@ EXAMPLES = 500
 MUTATIONS = 100
 
 
-def _index() -> NameIndex:
+def _index(wildcards: bool = True) -> NameIndex:
     t = nds_pb2.NameTable()
     for host, ips in {
         "details.ns1.svc.cluster.local": ["10.0.0.1"],
         "many.example.com": [f"10.0.1.{i}" for i in range(40)],
         "dual.example.com": ["10.0.0.2", "fd00::2"],
-        "*.wild.example.com": ["10.0.0.3"],
+        "*.wild.example.com" if wildcards else "wild.example.com": ["10.0.0.3"],
     }.items():
         e = t.table[host]
         e.ips.extend(ips)
@@ -43,6 +46,7 @@ def _index() -> NameIndex:
 
 
 INDEX = _index()
+INDEX_NO_WILDCARDS = _index(wildcards=False)  # A/AAAA misses take plain_miss's shortcut only without wildcards
 NAMES = [
     "details",
     "details.ns1",
@@ -107,6 +111,27 @@ def mutate(data: bytes, rnd: random.Random) -> bytes:
     return bytes(buf)
 
 
+def check_shortcuts(data: bytes) -> None:
+    for index, outcome in ((INDEX, Outcome.MISS), (INDEX_NO_WILDCARDS, Outcome.MISS), (None, Outcome.UNSYNCED)):
+        limit = plain_miss(index, data)
+        if limit is not None:
+            decision = handle(index, data, False)
+            assert decision.outcome is outcome and decision.message is not None
+            assert limit == wire.udp_limit(decision.message.edns_size)
+    try:
+        wire.parse_message(data)
+        parsed = ""
+    except wire.FormatError as err:
+        parsed = str(err)
+    try:
+        wire.check_reply(data)
+        checked = ""
+    except wire.FormatError as err:
+        checked = str(err)
+    assert bool(checked) <= bool(parsed), (checked, parsed)
+    assert bool(checked) == bool(parsed) or "OPT" in parsed, (checked, parsed)
+
+
 def check(data: bytes, tcp: bool, rnd: random.Random) -> None:
     decision = handle(INDEX, data, tcp, lambda: rnd.getrandbits(16))
     reply = decision.reply
@@ -143,6 +168,7 @@ def test_handler_never_crashes_and_never_answers_without_question(seed: bytes, r
     for packet in [seed] + [mutate(seed, rnd) for _ in range(MUTATIONS - 1)]:
         check(packet, False, rnd)
         check(packet, True, rnd)
+        check_shortcuts(packet)
 
 
 def test_fuzz_budget_is_at_least_100k_packets() -> None:

@@ -8,7 +8,7 @@ import dnslib
 import pytest
 
 from vm_agent.dns import wire
-from vm_agent.dns.handler import Outcome, fast_reply, handle
+from vm_agent.dns.handler import Outcome, fast_reply, handle, plain_miss
 from vm_agent.dns.index import NameIndex, build_index
 from vm_agent.proto import nds_pb2
 
@@ -156,3 +156,29 @@ def test_truncated_fast_path_defers_to_general_path() -> None:
     assert fast_reply(INDEX.exact, q("big.example.com"), False, ids().__next__) is None
     assert fast_reply(INDEX.exact, q("big.example.com"), True, ids().__next__) is not None
     assert wire.parse_message(handle(INDEX, q("big.example.com"), False).reply or b"").qdcount == 1
+
+
+def test_plain_miss_is_the_forwarders_shortcut_for_names_not_ours() -> None:
+    plain = make_plain_index()
+    # Not in the table: forward, with the client's UDP size (never below 512).
+    assert plain_miss(plain, q("other.example.net")) == 512
+    assert plain_miss(plain, q("other.example.net", edns=1232)) == 1232
+    assert plain_miss(plain, q("other.example.net", edns=100)) == 512
+    assert plain_miss(plain, q("one.example.com", "MX")) == 512  # only A/AAAA are answered from the table
+    assert plain_miss(None, q("one.example.com")) == 512  # no table yet
+    # Ours, or for the general path to decide.
+    for data in (q("one.example.com"), q("ONE.example.com"), q("one.example.com", "AAAA"), q("x", edns=4096)[:-1]):
+        assert plain_miss(plain, data) is None
+    chaos = bytearray(q("other.example.net"))
+    chaos[-1] = 3  # class CH: Istio ignores the class, so handle() looks the name up
+    assert plain_miss(plain, bytes(chaos)) is None
+    compressed = q("x")[:12] + b"\x01x\xc0\x0c\x00\x01\x00\x01"
+    assert plain_miss(plain, compressed) is None
+    assert plain_miss(INDEX, q("other.example.net")) is None  # a table with wildcards: handle() decides
+
+
+def make_plain_index() -> NameIndex:
+    t = nds_pb2.NameTable()
+    t.table["one.example.com"].ips.append("10.0.0.1")
+    t.table["one.example.com"].registry = "External"
+    return build_index(t, (), "ns1", "svc.cluster.local")

@@ -1,7 +1,9 @@
-"""The scenarios Istio's own agent DNS tests check (pkg/dns/client), run against our handler.
+"""Every case of Istio's own agent DNS test table (pkg/dns/client dns_test.go), run against our handler.
 
-Same NameTable shape, same search list and namespace, same expected records and orders; the
-shuffle is driven by a counting ID source the way Istio's test overrides miekg/dns ``Id()``.
+Same NameTable, search list and namespace (tests/helpers/istio_dns.py); a case the table answers must
+come back with Istio's records in Istio's order (the shuffle driven by a counting ID source, the way
+Istio's test overrides miekg/dns ``Id()``); a case the upstream answers must be forwarded.  The same
+table runs end to end, with Istio's upstream, in tests/integration/dns/test_istio_cases.py.
 """
 
 from __future__ import annotations
@@ -11,120 +13,60 @@ import itertools
 import dnslib
 import pytest
 
+from tests.helpers import istio_dns
+from tests.helpers.istio_dns import CASES, IstioCase
 from vm_agent.dns.handler import Outcome, handle
-from vm_agent.dns.index import NameIndex, build_index
-from vm_agent.proto import nds_pb2
+from vm_agent.dns.index import NameIndex, alternate_hosts, build_index
+
+INDEX: NameIndex = build_index(istio_dns.name_table(), istio_dns.SEARCH, istio_dns.NAMESPACE, istio_dns.PROXY_DOMAIN)
+
+PARAMS = [
+    pytest.param(case, transport, id=f"{transport}-{case.name}")
+    for transport in ("udp", "tcp")
+    for case in CASES
+    if case.transport in (None, transport)
+]
 
 
-def _table() -> nds_pb2.NameTable:
-    t = nds_pb2.NameTable()
-
-    def add(host: str, ips: list[str], registry: str = "External", ns: str = "", short: str = "") -> None:
-        t.table[host].ips.extend(ips)
-        t.table[host].registry = registry
-        t.table[host].namespace = ns
-        t.table[host].shortname = short
-
-    add("www.google.com", ["1.1.1.1"])
-    add("productpage.ns1.svc.cluster.local", ["9.9.9.9"], "Kubernetes", "ns1", "productpage")
-    add("example.ns2.svc.cluster.local", ["10.10.10.10"], "Kubernetes", "ns2", "example")
-    add(
-        "details.ns2.svc.cluster.remote",
-        ["11.11.11.11", "12.12.12.12", "13.13.13.13", "14.14.14.14"],
-        "Kubernetes",
-        "ns2",
-        "details",
-    )
-    add("svc-with-alt.ns1.svc.cluster.local", ["15.15.15.15"], "Kubernetes", "ns1", "svc-with-alt")
-    t.table["svc-with-alt.ns1.svc.cluster.local"].alt_hosts.append("svc-with-alt.ns1.svc.clusterset.local")
-    add("ipv6.localhost", ["2001:db8:0:0:0:ff00:42:8329"])
-    add("dual.localhost", ["2.2.2.2", "2001:db8:0:0:0:ff00:42:8329"])
-    add("ipv4.localhost", ["2.2.2.2"])
-    add("*.b.wildcard", ["11.11.11.11"])
-    add("*.wildcard", ["10.10.10.10"])
-    return t
+def query(case: IstioCase) -> bytes:
+    rec = dnslib.DNSRecord.question(case.host, case.qtype)
+    if case.edns is not None:
+        rec.add_ar(dnslib.EDNS0(udp_len=case.edns))
+    return bytes(rec.pack())
 
 
-INDEX: NameIndex = build_index(
-    _table(), ("ns1.svc.cluster.local", "svc.cluster.local", "cluster.local"), "ns1", "svc.cluster.local"
-)
-
-FORWARD = None  # not in the table: goes upstream
-
-
-@pytest.mark.parametrize(
-    ("host", "qtype", "expected"),
-    [
-        ("www.google.com.", "A", [("www.google.com.", "A", "1.1.1.1")]),
-        (
-            "www.google.com.ns1.svc.cluster.local.",
-            "A",
-            [
-                ("www.google.com.ns1.svc.cluster.local.", "CNAME", "www.google.com."),
-                ("www.google.com.", "A", "1.1.1.1"),
-            ],
-        ),
-        ("www.bing.com.", "A", FORWARD),
-        ("productpage.ns1.svc.cluster.local.", "A", [("productpage.ns1.svc.cluster.local.", "A", "9.9.9.9")]),
-        ("productpage.ns1.", "A", [("productpage.ns1.", "A", "9.9.9.9")]),
-        ("productpage.", "A", [("productpage.", "A", "9.9.9.9")]),
-        (
-            "productpage.ns1.ns1.svc.cluster.local.",
-            "A",
-            [
-                ("productpage.ns1.ns1.svc.cluster.local.", "CNAME", "productpage.ns1."),
-                ("productpage.ns1.", "A", "9.9.9.9"),
-            ],
-        ),
-        ("productpage.ns1.ns1.svc.cluster.local.", "AAAA", []),
-        ("example.ns2.", "A", [("example.ns2.", "A", "10.10.10.10")]),
-        ("example.ns2.svc.cluster.local.", "A", [("example.ns2.svc.cluster.local.", "A", "10.10.10.10")]),
-        ("example.ns2.svc.", "A", [("example.ns2.svc.", "A", "10.10.10.10")]),
-        ("example.", "A", FORWARD),
-        ("svc-with-alt.", "A", [("svc-with-alt.", "A", "15.15.15.15")]),
-        ("svc-with-alt.ns1.", "A", [("svc-with-alt.ns1.", "A", "15.15.15.15")]),
-        ("svc-with-alt.ns1.svc.", "A", [("svc-with-alt.ns1.svc.", "A", "15.15.15.15")]),
-        ("svc-with-alt.ns1.svc.cluster.local.", "A", [("svc-with-alt.ns1.svc.cluster.local.", "A", "15.15.15.15")]),
-        (
-            "svc-with-alt.ns1.svc.clusterset.local.",
-            "A",
-            [("svc-with-alt.ns1.svc.clusterset.local.", "A", "15.15.15.15")],
-        ),
-        ("details.ns2.", "A", FORWARD),
-        ("dual.localhost.", "A", [("dual.localhost.", "A", "2.2.2.2")]),
-        ("dual.localhost.", "AAAA", [("dual.localhost.", "AAAA", "2001:db8::ff00:42:8329")]),
-        ("foo.wildcard.", "A", [("foo.wildcard.", "A", "10.10.10.10")]),
-        ("a.b.wildcard.", "A", [("a.b.wildcard.", "A", "11.11.11.11")]),
-        ("ipv6.localhost.", "A", []),
-        ("ipv4.localhost.", "AAAA", []),
-    ],
-)
-@pytest.mark.parametrize("tcp", [False, True])
-def test_istio_agent_dns_cases(host: str, qtype: str, expected: list[tuple[str, str, str]] | None, tcp: bool) -> None:
-    query = bytes(dnslib.DNSRecord.question(host, qtype).pack())
-    decision = handle(INDEX, query, tcp)
-    if expected is None:
+@pytest.mark.parametrize(("case", "transport"), PARAMS)
+def test_istio_agent_dns_case(case: IstioCase, transport: str) -> None:
+    ids = itertools.count((case.round_robin_id or 0) + 1).__next__
+    decision = handle(INDEX, query(case), transport == "tcp", ids)
+    if case.source == "upstream":
         assert decision.outcome is Outcome.MISS
         return
     assert decision.outcome is Outcome.HIT
     reply = dnslib.DNSRecord.parse(decision.reply or b"")
     assert (reply.header.rcode, reply.header.aa) == (0, 1)
     got = [(str(rr.rname), dnslib.QTYPE[rr.rtype], str(rr.rdata)) for rr in reply.rr]
-    assert got == expected
+    assert got == list(case.answers)
     assert all(rr.rclass == dnslib.CLASS.IN and rr.ttl == 30 for rr in reply.rr)
 
 
-@pytest.mark.parametrize(
-    ("first_id", "order"),
-    [
-        (3, ["13.13.13.13", "14.14.14.14", "12.12.12.12", "11.11.11.11"]),  # Istio's case "id: 2"
-        (2, ["13.13.13.13", "14.14.14.14", "11.11.11.11", "12.12.12.12"]),  # Istio's case "id: 1"
-    ],
-)
-@pytest.mark.parametrize("tcp", [False, True])
-def test_istio_round_robin_orders(first_id: int, order: list[str], tcp: bool) -> None:
-    query = bytes(dnslib.DNSRecord.question("details.ns2.svc.cluster.remote.", "A").pack())
-    decision = handle(INDEX, query, tcp, itertools.count(first_id).__next__)
-    reply = dnslib.DNSRecord.parse(decision.reply or b"")
-    assert [str(rr.rdata) for rr in reply.rr] == order
-    assert {str(rr.rname) for rr in reply.rr} == {"details.ns2.svc.cluster.remote."}
+def test_the_search_domain_shortcut_skips_names_already_in_that_domain() -> None:
+    # Istio's corrected case: no CNAME entry for "<fqdn>.<first search domain>" when the FQDN already
+    # ends in it, for Kubernetes and External names alike.
+    fqdn = "productpage.ns1.svc.cluster.local.ns1.svc.cluster.local."
+    assert handle(INDEX, query(IstioCase("", fqdn)), False).outcome is Outcome.MISS
+    assert handle(INDEX, query(IstioCase("", fqdn, qtype="AAAA")), False).outcome is Outcome.MISS
+    # Names outside the first search domain keep it.
+    short = handle(INDEX, query(IstioCase("", "productpage.ns1.svc.ns1.svc.cluster.local.")), False)
+    assert short.outcome is Outcome.HIT
+
+
+def test_istio_build_alternate_hosts() -> None:
+    # TestBuildAlternateHosts: the table's keys plus the alternate names of every entry with addresses.
+    table = istio_dns.name_table()
+    names = set(table.table)
+    for host, info in table.table.items():
+        if info.ips:
+            names |= set(alternate_hosts(host, info, istio_dns.NAMESPACE, istio_dns.PROXY_DOMAIN))
+    for prefix, expected in istio_dns.ALTERNATE_HOSTS.items():
+        assert {n for n in names if n.startswith(prefix)} == expected, prefix

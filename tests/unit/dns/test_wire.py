@@ -118,3 +118,20 @@ def test_text_to_name() -> None:
     assert wire.name_to_text(b"\x01a\x01b\x00") == "a.b."
     with pytest.raises(ValueError, match="where: empty host name"):
         wire.text_to_name("", "where")
+
+
+def test_check_reply_accepts_messages_and_rejects_what_parse_rejects() -> None:
+    rec = dnslib.DNSRecord.question("host.example.net")
+    reply = rec.reply()
+    reply.add_answer(dnslib.RR("host.example.net", rdata=dnslib.A("192.0.2.1")))
+    good = bytes(reply.pack())
+    assert b"\xc0\x0c" in good  # the answer's owner is a pointer to the question
+    wire.check_reply(good)
+    for bad in (
+        good[:11],  # no whole header
+        good[:-1],  # rdata cut
+        good[:12] + b"\xc0\x0c" + good[14:],  # the question points at itself
+        good[:12] + b"\x40" + good[13:],  # reserved label type
+    ):
+        with pytest.raises(wire.FormatError):
+            wire.check_reply(bad)
