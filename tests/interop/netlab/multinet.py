@@ -31,6 +31,8 @@ LEDGER_IP = "10.88.0.21"
 VMNET_DNS_IP = "10.88.0.53"
 LEDGER_HOST = "ledger.ledger.svc.cluster.local"
 ISTIOD_IP = "10.77.0.2"
+GATEWAY_CONCURRENCY = 8
+"""Requests in parallel when a test wants several versions through the gateway: it balances per connection."""
 
 
 def gateway_objects(name: str, label: str, network: str, external_ip: str) -> list[dict[str, Any]]:
@@ -217,7 +219,7 @@ class MultiNetwork:
         for gw in self.gateways.values():
             lab.until(functools.partial(_live, gw), 90, f"{gw.name}'s Envoy LIVE")
         lab.wait_healthy(self.ledger, True, 120)
-        lab.wait_serving(self.ledger, f"http://{FORUM_HOST}/", {"v1", "v2"}, 120)
+        lab.wait_serving(self.ledger, f"http://{FORUM_HOST}/", {"v1", "v2"}, 120, concurrency=GATEWAY_CONCURRENCY)
         lab.figures.record("multinet_start_s", round(time.monotonic() - t0, 1))
 
     def stop(self) -> None:

@@ -13,6 +13,14 @@ URL = f"http://{FORUM_HOST}/"
 
 
 def test_failing_readiness_takes_v1_out_and_recovery_brings_it_back(lab: NetLab) -> None:
+    v1 = lab.vms["forum-v1"]
+    try:
+        _out_and_back(lab)
+    finally:
+        v1.app("set_ready", ready=True)  # later scenarios need v1 serving, also when this one failed
+
+
+def _out_and_back(lab: NetLab) -> None:
     v1, webapp = lab.vms["forum-v1"], lab.vms["webapp"]
     with RequestStream(webapp, URL) as out:
         time.sleep(2)

@@ -11,6 +11,7 @@ import pytest
 from tests.interop.netlab import envoyview
 from tests.interop.netlab.multinet import (
     EASTWEST_VMNET_IP,
+    GATEWAY_CONCURRENCY,
     ISTIOD_IP,
     LEDGER_HOST,
     LEDGER_IP,
@@ -118,18 +119,45 @@ def test_network1_workload_reaches_the_vm_through_vm_nets_gateway(lab: NetLab, m
 
 
 def test_health_across_networks(lab: NetLab, multinet: MultiNetwork) -> None:
-    """The data-plane lab's health scenario from vm-net: forum-v1 failing readiness leaves the VM's traffic to v2
-    (the gateway's own EDS drops v1; the VM only ever sees the gateway)."""
-    assert multinet.ledger is not None
-    ledger, v1 = multinet.ledger, lab.vms["forum-v1"]
-    with RequestStream(ledger, FORUM_URL) as out:
-        time.sleep(1.5)
-        flipped = v1.app("set_ready", ready=False)["t"]
-        lab.wait_healthy(v1, False, 30)
-        lab.until(lambda: lab.versions(ledger, FORUM_URL, 20) == {"v2"}, 30, "the VM's requests to stop reaching v1")
+    """The data-plane lab's health scenario from vm-net: forum-v1 failing readiness leaves the VM's traffic to v2.
+
+    The gateway's own EDS drops v1 at once, but it forwards connections, not requests: a connection the VM's Envoy
+    already has through it keeps leading to v1. Istio's knob for per-request balancing through a passthrough
+    gateway is a DestinationRule's ``maxRequestsPerConnection: 1``; the scenario runs with it, as an operator who
+    wants health to act per request across networks would."""
+    assert lab.cp is not None and multinet.ledger is not None
+    ledger, v1, eastwest = multinet.ledger, lab.vms["forum-v1"], multinet.gateways["eastwest"]
+    lab.cp.apply(
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": "forum", "namespace": "forum"},
+            "spec": {
+                "host": FORUM_HOST,
+                "trafficPolicy": {"connectionPool": {"http": {"maxRequestsPerConnection": 1}}},
+            },
+        }
+    )
+    try:
+        lab.until(lambda: len(lab.versions(ledger, FORUM_URL, 16) - {None}) == 2, 30, "per-request balancing")
+        with RequestStream(ledger, FORUM_URL) as out:
+            time.sleep(1.5)
+            flipped = v1.app("set_ready", ready=False)["t"]
+            lab.wait_healthy(v1, False, 30)
+            lab.until(
+                lambda: f"{v1.host.ip}:8080" not in envoyview.endpoints(eastwest, FORUM_SNI),
+                30,
+                "v1 out of the gateway's EDS",
+            )
+            lab.until(
+                lambda: lab.versions(ledger, FORUM_URL, 16) == {"v2"}, 30, "the VM's requests to stop reaching v1"
+            )
+            v1.app("set_ready", ready=True)
+            lab.wait_healthy(v1, True, 30)
+            lab.until(lambda: "v1" in lab.versions(ledger, FORUM_URL, 16), 30, "the VM's requests to reach v1 again")
+    finally:
         v1.app("set_ready", ready=True)
-        lab.wait_healthy(v1, True, 30)
-        lab.until(lambda: "v1" in lab.versions(ledger, FORUM_URL, 10), 30, "the VM's requests to reach v1 again")
+        remove_forum_routing(lab.cp)
     first_failure = min(t for t, code in v1.app("probes")["probes"] if code == 503 and t >= flipped)
     last_v1 = max(r["t1"] for r in out.records if r.get("version") == "v1" and r["t1"] < first_failure + 30)
     assert not out.failures(), out.failures()[:5]
@@ -150,7 +178,11 @@ def test_traffic_shift_across_networks(lab: NetLab, multinet: MultiNetwork) -> N
             30,
             "v1 subset cluster on the VM",
         )
-        lab.until(lambda: len(lab.versions(ledger, FORUM_URL, 40) - {None}) == 2, 30, "both subsets answering")
+        lab.until(
+            lambda: len(lab.versions(ledger, FORUM_URL, 40, concurrency=GATEWAY_CONCURRENCY) - {None}) == 2,
+            30,
+            "both subsets answering",
+        )
         results = ledger.app("get", url=FORUM_URL, count=1000, concurrency=8, timeout=5)["results"]
         assert all(r["status"] == 200 for r in results), [r for r in results if r["status"] != 200][:5]
         share = 100.0 * sum(r["version"] == "v1" for r in results) / len(results)
@@ -158,4 +190,4 @@ def test_traffic_shift_across_networks(lab: NetLab, multinet: MultiNetwork) -> N
         lab.figures.record("multinet_traffic_shift_80_20_v1_pct_of_1000", round(share, 1))
     finally:
         remove_forum_routing(cp)
-    lab.wait_serving(ledger, FORUM_URL, {"v1", "v2"}, 30)
+    lab.wait_serving(ledger, FORUM_URL, {"v1", "v2"}, 30, concurrency=GATEWAY_CONCURRENCY)

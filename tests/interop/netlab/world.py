@@ -349,14 +349,19 @@ class NetLab:
         wait_until(check, timeout, f"WorkloadEntry of {vm.name} Healthy={want}")
         return time.monotonic() - t0
 
-    def wait_serving(self, client: Vm, url: str, versions: set[str], timeout: float) -> None:
-        """Until requests from ``client`` to ``url`` have been answered by every version in ``versions``."""
+    def wait_serving(self, client: Vm, url: str, versions: set[str], timeout: float, *, concurrency: int = 1) -> None:
+        """Until requests from ``client`` to ``url`` have been answered by every version in ``versions``.
+
+        Through an east-west gateway (L4, SNI passthrough) Envoy balances per connection, not per request: pass a
+        ``concurrency`` that makes it open several."""
         seen: set[str] = set()
         last: list[dict[str, Any]] = []
 
         def check() -> bool:
             client.must_be_alive()
-            last[:] = client.app("get", url=url, count=10, timeout=3)["results"]
+            last[:] = client.app("get", url=url, count=max(10, 2 * concurrency), concurrency=concurrency, timeout=3)[
+                "results"
+            ]
             for r in last:
                 if r.get("status") == 200 and r.get("version") is not None:
                     seen.add(r["version"])
@@ -368,9 +373,10 @@ class NetLab:
             sample = [{k: r.get(k) for k in ("status", "version", "error", "body")} for r in last[:3]]
             raise AssertionError(f"{exc}; seen {sorted(seen)}; last answers {sample}") from None
 
-    def versions(self, client: Vm, url: str, count: int) -> set[str | None]:
+    def versions(self, client: Vm, url: str, count: int, *, concurrency: int = 1) -> set[str | None]:
         """Which versions answered a fresh batch of ``count`` requests (None for a failed request)."""
-        return {r.get("version") for r in client.app("get", url=url, count=count, timeout=3)["results"]}
+        results = client.app("get", url=url, count=count, concurrency=concurrency, timeout=3)["results"]
+        return {r.get("version") for r in results}
 
     def until_value(self, check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
         """``check``'s first non-empty value within ``timeout``."""
