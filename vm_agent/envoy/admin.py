@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from urllib.parse import quote
 
-import aiohttp
-
+from vm_agent.http11 import HttpError, authority, fetch
 from vm_agent.logs import get_logger
 
 log = get_logger("envoy")
@@ -16,7 +16,7 @@ _STATE_NAMES = {0: "LIVE", 1: "DRAINING", 2: "PRE_INITIALIZING", 3: "INITIALIZIN
 CONFIG_STATS_FILTER = r"^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$"
 LIVENESS_STATS_FILTER = r"^(server\.state|listener_manager\.workers_started)"
 
-_NETWORK_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+_NETWORK_ERRORS = (HttpError, asyncio.IncompleteReadError, TimeoutError, OSError)
 
 
 def parse_stats(text: str) -> dict[str, str]:
@@ -87,7 +87,7 @@ class EnvoyAdmin:
     def __init__(self, port: int = 15000, host: str = "127.0.0.1") -> None:
         self.port = port
         self.host = host
-        self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.base = f"http://{authority(host, port)}"
         # pilot-agent caches both checks after the first success; Envoy can be restarted under us, so the
         # supervisor calls reset() for every new process.
         self._config_ok = False
@@ -100,11 +100,9 @@ class EnvoyAdmin:
 
     async def request(self, method: str, path_and_query: str, deadline_s: float = 3.0) -> tuple[int, str]:
         """One request; ``path_and_query`` is sent as given (Envoy wants bare flags like ``?usedonly``)."""
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=deadline_s)) as session,
-            session.request(method, self.base + path_and_query) as resp,
-        ):
-            return resp.status, await resp.text()
+        async with asyncio.timeout(deadline_s):
+            reply = await fetch(method, self.host, self.port, path_and_query)
+        return reply.status, reply.text()
 
     async def stats(self, regex: str, deadline_s: float = 3.0) -> dict[str, str]:
         status, text = await self.request("GET", f"/stats?usedonly&filter={quote(regex, safe='')}", deadline_s)

@@ -19,24 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import math
 import os
 import re
 import signal
 import socket
-import time
-from typing import Any
-
-import aiohttp
-import psutil
-import yarl
-from grpc_health.v1 import health_pb2
-from grpclib.client import Channel, UnaryUnaryMethod
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
+import ssl
+from urllib.parse import quote, urljoin, urlsplit
 
 from vm_agent.config.probe import ExecAction, GrpcAction, HttpGetAction, ProbeAction, TcpSocketAction
+from vm_agent.http11 import ConnectError, HttpError, authority, fetch
 from vm_agent.logs import get_logger
 
 log = get_logger("health")
@@ -44,7 +35,7 @@ log = get_logger("health")
 USER_AGENT = "istio-probe/1.0"
 MAX_REDIRECTS = 10  # Go's http.Client default policy, which Istio's HTTP prober uses
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-_HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})(.{0,2})", re.S)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -69,7 +60,10 @@ async def probe_once(
     if isinstance(action, ExecAction):
         return await _probe_exec(action.command, timeout)
     if isinstance(action, GrpcAction):
-        return await _probe_grpc(action, default_host, timeout, source_address)
+        # grpclib and the health protos load only for a workload that has a gRPC probe.
+        from vm_agent.health.grpc_probe import probe_grpc
+
+        return await probe_grpc(action, default_host, timeout, source_address)
     raise TypeError(
         f"readiness probe action: expected HttpGetAction, TcpSocketAction, ExecAction or GrpcAction, got {action!r}"
     )
@@ -78,14 +72,15 @@ async def probe_once(
 # --- where a probe leaves from -----------------------------------------------------------------------------
 
 
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+join_host_port = authority
 
 
 _warned_sources: set[str] = set()
 
 
 def _local_addresses() -> set[str]:
+    import psutil  # only probes with a bypass source address need this host's addresses
+
     addrs: set[str] = set()
     for entries in psutil.net_if_addrs().values():
         for entry in entries:
@@ -138,7 +133,7 @@ def _os_error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _dial_error(host_port: str, exc: BaseException) -> str:
+def dial_error(host_port: str, exc: BaseException) -> str:
     """A dial failure in Go's words (``dial tcp 127.0.0.1:8080: connect: connection refused``)."""
     if isinstance(exc, TimeoutError):
         return f"dial tcp {host_port}: i/o timeout"
@@ -162,12 +157,12 @@ def _close_now(writer: asyncio.StreamWriter) -> None:
 
 
 async def _probe_tcp(host: str, port: int, limit: float, source_address: str | None) -> tuple[bool, str]:
-    host_port = _join_host_port(host, port)
+    host_port = join_host_port(host, port)
     try:
         async with asyncio.timeout(limit):
             writer = await _open(host, port, source_address)
     except (OSError, TimeoutError) as exc:
-        return False, _dial_error(host_port, exc)
+        return False, dial_error(host_port, exc)
     _close_now(writer)
     return True, ""
 
@@ -206,8 +201,8 @@ async def _probe_http(
     bad_path = _path_error(action.path)
     if bad_path is not None:
         return False, bad_path
-    target = _join_host_port(action.host or default_host, action.port)
-    url = yarl.URL(f"{action.scheme}://{target}{action.path or '/'}")
+    target = join_host_port(action.host or default_host, action.port)
+    url = f"{action.scheme}://{target}{action.path or '/'}"
     headers, host_header = _headers(action)
     try:
         async with asyncio.timeout(limit):
@@ -226,7 +221,7 @@ class _HttpProbeError(Exception):
 
 
 async def _get_following_redirects(
-    url: yarl.URL, headers: list[tuple[str, str]], host_header: str | None, source_address: str | None
+    url: str, headers: list[tuple[str, str]], host_header: str | None, source_address: str | None
 ) -> int:
     redirects = 0
     while True:
@@ -234,44 +229,75 @@ async def _get_following_redirects(
         if status not in _REDIRECT_CODES or location is None:
             return status
         try:
-            next_url = url.join(yarl.URL(location))
+            next_url = urljoin(url, location)
+            absolute = bool(urlsplit(location).netloc)
         except ValueError as exc:
             raise _HttpProbeError(f'Get "{url}": failed to parse Location header {location!r}: {exc}') from exc
         if redirects >= MAX_REDIRECTS:
             raise _HttpProbeError(f'Get "{next_url}": stopped after {MAX_REDIRECTS} redirects')
         redirects += 1
         # Like Go: a custom Host survives a relative redirect only; an absolute one names its own host.
-        if yarl.URL(location).is_absolute():
+        if absolute:
             host_header = None
         url = next_url
 
 
+_UNVERIFIED_TLS: ssl.SSLContext | None = None
+
+
+def _unverified_tls() -> ssl.SSLContext:
+    """HTTPS probes do not verify the application's certificate (the kubelet's behaviour)."""
+    global _UNVERIFIED_TLS
+    if _UNVERIFIED_TLS is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _UNVERIFIED_TLS = ctx
+    return _UNVERIFIED_TLS
+
+
+def _request_target(path: str, query: str) -> str:
+    # Go sends the URL's escaped form; characters that are already legal (and %-escapes) pass unchanged.
+    target = quote(path or "/", safe="/%:@!$&'()*+,;=~")
+    return target + ("?" + quote(query, safe="/%:@!$&'()*+,;=~?") if query else "")
+
+
 async def _get(
-    url: yarl.URL, headers: list[tuple[str, str]], host_header: str | None, source_address: str | None
+    url: str, headers: list[tuple[str, str]], host_header: str | None, source_address: str | None
 ) -> tuple[int, str | None]:
-    host = url.raw_host or ""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    source, family = await source_for(host, source_address)
-    connector = aiohttp.TCPConnector(
-        force_close=True,  # keep-alives off, like Istio's probe transport
-        ssl=False,  # no certificate verification for HTTPS, like the kubelet
-        family=family,
-        local_addr=(source, 0) if source else None,
-        use_dns_cache=False,
-    )
-    request_headers = [*headers, *([("Host", host_header)] if host_header is not None else [])]
     try:
-        async with (
-            aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
-            session.get(url, headers=request_headers, allow_redirects=False) as response,
-        ):
-            return response.status, response.headers.get("Location")
-    except aiohttp.ClientConnectorError as exc:
-        raise _HttpProbeError(f'Get "{url}": {_dial_error(_join_host_port(host, port), exc.os_error)}') from exc
-    except aiohttp.ClientError as exc:
-        raise _HttpProbeError(f'Get "{url}": {exc or type(exc).__name__}') from exc
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise _HttpProbeError(f'Get "{url}": {exc}') from exc
+    if parts.scheme not in ("http", "https"):
+        raise _HttpProbeError(f'Get "{url}": unsupported protocol scheme "{parts.scheme}"')
+    source, family = await source_for(host, source_address)
+    request_headers = [*([("Host", host_header)] if host_header is not None else []), *headers]
+    try:
+        reply = await fetch(
+            "GET",
+            host,
+            port,
+            _request_target(parts.path, parts.query),
+            headers=request_headers,
+            tls=_unverified_tls() if parts.scheme == "https" else None,
+            local_addr=(source, 0) if source else None,
+            family=family,
+            read_body_too=False,
+        )
+    except ConnectError as exc:
+        raise _HttpProbeError(f'Get "{url}": {dial_error(join_host_port(host, port), exc.os_error)}') from exc
+    except asyncio.IncompleteReadError as exc:
+        raise _HttpProbeError(f'Get "{url}": EOF') from exc
+    except HttpError as exc:
+        raise _HttpProbeError(f'Get "{url}": {exc}') from exc
+    except ssl.SSLError as exc:
+        raise _HttpProbeError(f'Get "{url}": {exc.reason or exc}') from exc
     except OSError as exc:
         raise _HttpProbeError(f'Get "{url}": {_os_error_text(exc)}') from exc
+    return reply.status, reply.headers.get("Location")
 
 
 # --- exec --------------------------------------------------------------------------------------------------
@@ -325,99 +351,3 @@ async def _probe_exec(command: tuple[str, ...], limit: float) -> tuple[bool, str
     if returncode == 0:
         return True, ""
     return False, _exit_text(returncode)
-
-
-# --- gRPC --------------------------------------------------------------------------------------------------
-
-
-class _ProbeChannel(Channel):
-    """A grpclib channel whose connection leaves from a chosen source address (grpcio cannot bind one)."""
-
-    def __init__(
-        self, host: str, port: int, *, local_addr: tuple[str, int] | None, family: socket.AddressFamily
-    ) -> None:
-        super().__init__(host, port)
-        self._probe_local_addr = local_addr
-        self._probe_family = family
-
-    async def _create_connection(self) -> H2Protocol:
-        _, protocol = await asyncio.get_running_loop().create_connection(
-            self._protocol_factory,
-            self._host,
-            self._port,
-            family=self._probe_family,
-            local_addr=self._probe_local_addr,
-        )
-        return protocol
-
-
-_GO_CODE_NAMES = {"CANCELLED": "Canceled", "OK": "OK"}
-
-
-def _go_code(status: Status) -> str:
-    return _GO_CODE_NAMES.get(status.name) or "".join(p.capitalize() for p in status.name.split("_"))
-
-
-def _rpc_error(status: Status, message: str | None) -> str:
-    return f"rpc error: code = {_go_code(status)} desc = {message or ''}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:g}s" if seconds == math.floor(seconds) else f"{seconds}s"
-
-
-async def _probe_grpc(
-    action: GrpcAction, default_host: str, limit: float, source_address: str | None
-) -> tuple[bool, str]:
-    port = action.port
-    host_port = _join_host_port(default_host, port)
-    deadline = time.monotonic() + limit
-    connected = False
-    channel: _ProbeChannel | None = None
-    try:
-        async with asyncio.timeout(limit):
-            source, family = await source_for(default_host, source_address)
-            channel = _ProbeChannel(default_host, port, local_addr=(source, 0) if source else None, family=family)
-            await channel.__connect__()
-            connected = True
-            check: UnaryUnaryMethod[Any, Any] = UnaryUnaryMethod(
-                channel, _HEALTH_CHECK_METHOD, health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
-            )
-            reply = await check(
-                health_pb2.HealthCheckRequest(service=action.service),
-                timeout=max(deadline - time.monotonic(), 0.001),
-            )
-    except TimeoutError:
-        if not connected:
-            return False, f"failed to connect health check grpc service on port {port}: context deadline exceeded"
-        return False, (
-            f"health rpc probe timed out after {_duration(limit)}: "
-            f"{_rpc_error(Status.DEADLINE_EXCEEDED, 'context deadline exceeded')}"
-        )
-    except OSError as exc:
-        if not connected:
-            return False, f"failed to connect health check grpc service on port {port}: {_dial_error(host_port, exc)}"
-        return False, f"health rpc probe failed with status Unavailable: {_rpc_error(Status.UNAVAILABLE, str(exc))}"
-    except GRPCError as exc:
-        err = _rpc_error(exc.status, exc.message)
-        if exc.status is Status.UNIMPLEMENTED:
-            return (
-                False,
-                f"service on port {port} doesn't implement the grpc health protocol grpc.health.v1.Health: {err}",
-            )
-        if exc.status is Status.DEADLINE_EXCEEDED:
-            return False, f"health rpc probe timed out after {_duration(limit)}: {err}"
-        return False, f"health rpc probe failed with status {_go_code(exc.status)}: {err}"
-    except (StreamTerminatedError, ProtocolError) as exc:
-        return False, f"health rpc probe failed with status Unavailable: {_rpc_error(Status.UNAVAILABLE, str(exc))}"
-    finally:
-        if channel is not None:
-            channel.close()
-    status = int(reply.status)
-    if status == health_pb2.HealthCheckResponse.SERVING:
-        return True, ""
-    try:
-        name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    except ValueError:
-        name = str(status)
-    return False, f"grpc health status {name}"

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
+from vm_agent.http11 import HttpError, Request, Response, fetch, start_server
 from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY
 
@@ -59,11 +57,8 @@ def is_loopback_address(address: str) -> bool:
     return ip.is_loopback
 
 
-def _is_loopback(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if not peer:
-        return False
-    return is_loopback_address(str(peer[0]))
+def _is_loopback(request: Request) -> bool:
+    return request.peer is not None and is_loopback_address(request.peer)
 
 
 class StatusServer:
@@ -93,6 +88,15 @@ class StatusServer:
         self._background: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
         self.port: int | None = None
+        self._routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "/healthz/ready": self._ready,
+            "/stats/prometheus": self._metrics,
+            "/metrics": self._metrics,
+            "/quitquitquit": self._quit,
+            "/drain": self._drain,
+            "/debug/ndsz": self._debug_ndsz,
+            "/debug/status": self._debug_status,
+        }
 
     def set_shutting_down(self) -> None:
         """Readiness answers 503 "server is terminated" from now on, as pilot-agent does once its context ends."""
@@ -121,55 +125,62 @@ class StatusServer:
         return None
 
     # --- handlers ---
-    async def _ready(self, _: web.Request) -> web.Response:
+    async def _handle(self, request: Request) -> Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            return Response.text("404: Not Found", 404)
+        return await route(request)
+
+    async def _ready(self, _: Request) -> Response:
         reason = await self.readiness()
         if reason != self._last_reason:
             log.info("readiness: %s", "ready" if reason is None else f"not ready: {reason}")
             self._last_reason = reason
         if reason is None:
-            return web.Response(status=200)
+            return Response()
         READINESS_FAILURES.inc()
-        return web.Response(status=503, text=reason + "\n")
+        return Response.text(reason + "\n", 503)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        if self.settings.metrics_localhost_only and not _is_loopback(request):
-            return web.Response(status=403, text="metrics are served to loopback clients only\n")
-        envoy_text = ""
-        host = self.settings.envoy_admin_host
-        url = f"http://{f'[{host}]' if ':' in host else host}:{self.settings.envoy_admin_port}/stats/prometheus"
-        if request.query_string:
-            url += "?" + request.query_string
+    async def _envoy_stats(self, request: Request) -> str:
+        """Envoy's Prometheus text (through the telemetry rewrite), or "" when Envoy does not answer."""
+        target = "/stats/prometheus" + (f"?{request.query}" if request.query else "")
         # Only the classic text format is asked of Envoy (§8.2); the scraper's identity and deadline pass on.
-        headers = {"Accept": "text/plain"}
+        headers = [("Accept", "text/plain")]
         for name in ("User-Agent", "X-Prometheus-Scrape-Timeout-Seconds"):
-            if name in request.headers:
-                headers[name] = request.headers[name]
+            value = request.headers.get(name)
+            if value is not None:
+                headers.append((name, value))
         try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-                session.get(url, headers=headers) as resp,
-            ):
-                if resp.status == 200:
-                    envoy_text = await resp.text()
-                    if self._envoy_metrics is not None:
-                        envoy_text = self._envoy_metrics(envoy_text)
-                else:
-                    SCRAPE_ERRORS.inc()
-        except (aiohttp.ClientError, TimeoutError, OSError):
+            async with asyncio.timeout(5):
+                reply = await fetch(
+                    "GET", self.settings.envoy_admin_host, self.settings.envoy_admin_port, target, headers=headers
+                )
+        except (HttpError, asyncio.IncompleteReadError, TimeoutError, OSError):
             SCRAPE_ERRORS.inc()
+            return ""
+        if reply.status != 200:
+            SCRAPE_ERRORS.inc()
+            return ""
+        text = reply.text()
+        return self._envoy_metrics(text) if self._envoy_metrics is not None else text
+
+    async def _metrics(self, request: Request) -> Response:
+        if self.settings.metrics_localhost_only and not _is_loopback(request):
+            return Response.text("metrics are served to loopback clients only\n", 403)
+        envoy_text = await self._envoy_stats(request)
         agent_text = generate_latest(REGISTRY).decode()
         body = agent_text + ("\n" if agent_text and not agent_text.endswith("\n") else "") + envoy_text
-        response = web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            response.enable_compression()
+        response = Response(body=body.encode(), content_type=CONTENT_TYPE_LATEST)
+        if "gzip" in (request.headers.get("Accept-Encoding") or ""):
+            response = response.gzipped()
         return response
 
-    def _local_post(self, request: web.Request) -> web.Response | None:
+    def _local_post(self, request: Request) -> Response | None:
         # Like pilot-agent: the loopback check comes before the method check.
         if not _is_loopback(request):
-            return web.Response(status=403, text="only loopback clients may do this\n")
+            return Response.text("only loopback clients may do this\n", 403)
         if request.method != "POST":
-            return web.Response(status=405, text="POST only\n")
+            return Response.text("POST only\n", 405)
         return None
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -180,32 +191,32 @@ class StatusServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _quit(self, request: web.Request) -> web.Response:
+    async def _quit(self, request: Request) -> Response:
         denied = self._local_post(request)
         if denied is not None:
             return denied
         if self._on_quit is not None:
             self._spawn(self._on_quit())
-        return web.Response(text="OK")
+        return Response.text("OK")
 
-    async def _drain(self, request: web.Request) -> web.Response:
+    async def _drain(self, request: Request) -> Response:
         denied = self._local_post(request)
         if denied is not None:
             return denied
         if self._on_drain is not None:
             await self._on_drain()
-        return web.Response(text="OK")
+        return Response.text("OK")
 
-    async def _debug_ndsz(self, request: web.Request) -> web.Response:
+    async def _debug_ndsz(self, request: Request) -> Response:
         if not _is_loopback(request):
-            return web.Response(status=403)
+            return Response(status=403)
         if self._ndsz is None:
-            return web.json_response({}, status=404)
-        return web.json_response(self._ndsz(), dumps=lambda d: json.dumps(d, indent=1))
+            return Response.json({}, 404)
+        return Response.json(self._ndsz(), indent=1)
 
-    async def _debug_status(self, request: web.Request) -> web.Response:
+    async def _debug_status(self, request: Request) -> Response:
         if not _is_loopback(request):
-            return web.Response(status=403)
+            return Response(status=403)
         doc: dict[str, Any] = {}
         for name, snap in self._snapshots.items():
             try:
@@ -214,24 +225,12 @@ class StatusServer:
                 doc[name] = {"error": f"{type(err).__name__}: {err}"}
         reason = await self.readiness()
         doc["ready"] = {"ready": reason is None, "reason": reason}
-        return web.json_response(doc, dumps=lambda d: json.dumps(d, indent=1, default=str))
+        return Response.json(doc, indent=1, default=str)
 
     async def run(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/healthz/ready", self._ready)
-        app.router.add_route("*", "/stats/prometheus", self._metrics)
-        app.router.add_route("*", "/metrics", self._metrics)
-        app.router.add_route("*", "/quitquitquit", self._quit)
-        app.router.add_route("*", "/drain", self._drain)
-        app.router.add_route("*", "/debug/ndsz", self._debug_ndsz)
-        app.router.add_route("*", "/debug/status", self._debug_status)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
+        server = await start_server(self._handle, self.settings.listen_host, self.settings.port)
         try:
-            site = web.TCPSite(runner, self.settings.listen_host, self.settings.port, reuse_address=True)
-            await site.start()
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
+            sockets = server.sockets
             self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.port
             log.info("status server on %s:%d", self.settings.listen_host, self.port)
             self.ready.set()
@@ -240,4 +239,4 @@ class StatusServer:
             self.ready.clear()
             for task in list(self._background):
                 task.cancel()
-            await runner.cleanup()
+            await asyncio.shield(server.close())
