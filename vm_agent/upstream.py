@@ -4,6 +4,9 @@ Both the CA client and the xDS proxy open their connections through ``open_chann
 ``call_metadata`` to every call, so the two upstream paths authenticate the same way istio's agent does:
 the token file is re-read on every call and the current workload certificate (if still valid) is presented
 as the TLS client certificate, which is what keeps a VM renewable after its bootstrap token expired.
+
+The agent has one gRPC stack, grpclib (HTTP/2 in Python over asyncio's TLS): grpcio's C core would add
+~13 MiB to the agent's memory for the same three jobs (bench/results/memory.md).
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import base64
 import binascii
 import contextlib
 import json
+import os
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.encoding.base import CodecBase
+from grpclib.encoding.proto import ProtoCodec
 
 from vm_agent.logs import get_logger
 
@@ -31,10 +37,10 @@ log = get_logger("upstream")
 ClientCertProvider = Callable[[], tuple[bytes, bytes] | None]
 """Returns (key PEM, chain PEM) of the current SVID if it is valid now, else ``None``."""
 
-KEEPALIVE_TIME_MS = 30_000
-KEEPALIVE_TIMEOUT_MS = 10_000
-MAX_RECEIVE_MESSAGE_LENGTH = 2**31 - 1
-_WINDOW_BYTES = 1 << 20
+KEEPALIVE_TIME_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+_WINDOW_BYTES = 4 << 20
 # The audience istiod's CA asks the TokenReview for (istiod's TOKEN_AUDIENCES default); istioctl mints the VM's
 # token with it.
 ISTIO_CA_AUDIENCE = "istio-ca"
@@ -141,48 +147,102 @@ def read_root_certs(settings: UpstreamSettings) -> bytes:
     return data
 
 
-def channel_options(settings: UpstreamSettings, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    opts: list[tuple[str, Any]] = [
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_LENGTH),
-        ("grpc.http2.lookahead_bytes", _WINDOW_BYTES),
-        # A fresh channel must never share a subchannel (and so a TLS session with a stale client certificate)
-        # with an older one.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    if not settings.plaintext:
-        opts.append(("grpc.ssl_target_name_override", settings.server_name))
-        opts.append(("grpc.default_authority", settings.server_name))
-    opts.extend(extra)
-    return opts
+class RawCodec(CodecBase):
+    """Messages as bytes both ways: the xDS proxy relays Envoy's messages without decoding them."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return data
+
+
+def split_target(dial_target: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); ``UpstreamError`` when the port is not a number."""
+    host, _, port = dial_target.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise UpstreamError(f"upstream address {dial_target!r} has no numeric port (expected host:port)") from None
+
+
+def _load_client_certificate(ctx: ssl.SSLContext, key_pem: bytes, chain_pem: bytes) -> None:
+    """Present (key, chain) as the TLS client certificate without writing the key to any file system path.
+
+    Python's ssl loads certificates only from files, so the PEM goes to an anonymous memory file that
+    this process alone can open (by its /proc/self/fd path) and that vanishes when closed.
+    """
+    fd = os.memfd_create("vm-agent-client-certificate", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as out:
+            out.write(chain_pem.rstrip(b"\n") + b"\n" + key_pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def tls_context(settings: UpstreamSettings, client_cert: ClientCertProvider | None) -> ssl.SSLContext:
+    """TLS 1.2+ with HTTP/2's ALPN, istiod verified against root-cert.pem (under ``server_name``, see
+    ``open_channel``); the current workload certificate, if any, as client certificate."""
+    roots = read_root_certs(settings)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        ctx.load_verify_locations(cadata=roots.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise UpstreamError(
+            f"root certificate file {settings.root_cert_path} for {settings.address} does not load: {exc.reason or exc}"
+        ) from exc
+    pair = client_cert() if client_cert is not None else None
+    if pair is not None:
+        _load_client_certificate(ctx, *pair)
+    return ctx
+
+
+class _UpstreamChannel(Channel):
+    def __init__(self, settings: UpstreamSettings, tls: ssl.SSLContext | None, codec: CodecBase | None) -> None:
+        host, port = split_target(settings.dial_target)
+        config = Configuration(
+            _keepalive_time=KEEPALIVE_TIME_S,
+            _keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            _keepalive_permit_without_calls=True,
+            http2_connection_window_size=_WINDOW_BYTES,
+            http2_stream_window_size=_WINDOW_BYTES,
+            ssl_target_name_override=settings.server_name if tls is not None else None,
+        )
+        super().__init__(host, port, ssl=tls, codec=codec or ProtoCodec(), config=config)
+        if tls is not None:
+            # :authority names istiod as its certificate does, not the address we happen to dial.
+            self._authority = settings.server_name
+
+    async def __connect__(self) -> Any:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                return await super().__connect__()
+        except TimeoutError:
+            raise ConnectionError(f"no connection within {CONNECT_TIMEOUT_S:g}s") from None
 
 
 def open_channel(
-    settings: UpstreamSettings,
-    client_cert: ClientCertProvider | None,
-    *,
-    options: Sequence[tuple[str, Any]] = (),
-) -> grpc.aio.Channel:
-    """A fresh grpcio aio channel to ``settings.dial_target``.
+    settings: UpstreamSettings, client_cert: ClientCertProvider | None, *, codec: CodecBase | None = None
+) -> Channel:
+    """A fresh grpclib channel to ``settings.dial_target`` (it connects on the first call).
 
-    TLS (1.2 or newer, grpc core's floor) verifies istiod against ``root_cert_path`` under
-    ``server_name``; the client certificate is taken from ``client_cert()`` now, so callers open a new
-    channel per connection attempt to pick up a rotated certificate and re-read roots.
-    Raises ``UpstreamError`` when root-cert.pem is unusable.
+    TLS verifies istiod against ``root_cert_path`` under ``server_name``; the client certificate is taken
+    from ``client_cert()`` now, so callers open a new channel per connection attempt to pick up a rotated
+    certificate and re-read roots. ``codec`` defaults to protobuf messages (``RawCodec`` relays bytes).
+    Raises ``UpstreamError`` when root-cert.pem is unusable, ``ssl.SSLError`` when the client
+    certificate is.
     """
-    opts = channel_options(settings, options)
-    if settings.plaintext:
-        return grpc.aio.insecure_channel(settings.dial_target, options=opts)
-    roots = read_root_certs(settings)
-    pair = client_cert() if client_cert is not None else None
-    if pair is not None:
-        key_pem, chain_pem = pair
-        creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key_pem, certificate_chain=chain_pem)
-    else:
-        creds = grpc.ssl_channel_credentials(root_certificates=roots)
-    return grpc.aio.secure_channel(settings.dial_target, creds, options=opts)
+    tls = None if settings.plaintext else tls_context(settings, client_cert)
+    return _UpstreamChannel(settings, tls, codec)
+
+
+UNAVAILABLE_ERRORS = (OSError, ssl.SSLError, asyncio.IncompleteReadError)
+"""What a failed connection to istiod raises (grpcio folded these into UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)

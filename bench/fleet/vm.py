@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
+from grpclib.const import Status
 
 from vm_agent.agent import health_settings, identity_settings, upstream_settings
 from vm_agent.config import Config, Options, load
@@ -84,7 +84,7 @@ class NdsDownstream:
         req = discovery_pb2.DeltaDiscoveryRequest(type_url=NAME_TABLE_TYPE_URL)
         req.node.CopyFrom(node)
         self._first: bytes | None = req.SerializeToString()
-        self.code: grpc.StatusCode | None = None
+        self.code: Status | None = None
 
     async def read(self) -> bytes | None:
         if self._first is not None:
@@ -99,7 +99,7 @@ class NdsDownstream:
     async def write(self, message: bytes) -> None:
         return None
 
-    def end(self, code: grpc.StatusCode, details: str) -> None:
+    def end(self, code: Status, details: str) -> None:
         self.code = code
 
 
@@ -115,7 +115,7 @@ class AdsDownstream:
         eds = discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT_TYPE_URL, resource_names_subscribe=[eds_cluster])
         self._out.put_nowait(eds.SerializeToString())
         self._on_eds = on_eds
-        self.code: grpc.StatusCode | None = None
+        self.code: Status | None = None
 
     async def read(self) -> bytes | None:
         return await self._out.get()
@@ -129,7 +129,7 @@ class AdsDownstream:
             self._on_eds(message)
         self._out.put_nowait(build_request(Flavour.DELTA, head.type_url, response_nonce=head.nonce))
 
-    def end(self, code: grpc.StatusCode, details: str) -> None:
+    def end(self, code: Status, details: str) -> None:
         self.code = code
 
 

@@ -8,14 +8,17 @@ difference in vm-agent, not in a test double.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
+from grpclib.const import Cardinality
+from grpclib.exceptions import GRPCError
 
 from vm_agent.config import Config, Options, load
 from vm_agent.identity.ca_client import CaClient
@@ -84,38 +87,47 @@ class AdsSession:
         self._cfg = cfg
         self._settings = upstream(cfg, for_ca=False)
         self._pair = (key_pem, chain_pem)
-        self._out: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
-        self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.StreamStreamCall | None = None
+        self._out: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        self._stack = contextlib.AsyncExitStack()
+        self._call: Any = None
+        self._sender: asyncio.Task[None] | None = None
         self._first = True
 
     async def __aenter__(self) -> AdsSession:
-        self._channel = open_channel(self._settings, lambda: self._pair)
-        stream = self._channel.stream_stream(
-            ADS_METHOD,
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        channel = open_channel(self._settings, lambda: self._pair)
+        self._stack.callback(channel.close)
+        self._call = await self._stack.enter_async_context(
+            channel.request(
+                ADS_METHOD,
+                Cardinality.STREAM_STREAM,
+                discovery_pb2.DiscoveryRequest,
+                discovery_pb2.DiscoveryResponse,
+                metadata=call_metadata(self._settings),
+            )
         )
-        self._call = stream(self._requests(), metadata=call_metadata(self._settings))
+        await self._call.send_request()
+        self._sender = asyncio.create_task(self._send_loop())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
         if self._call is not None:
-            self._call.cancel()
+            with contextlib.suppress(Exception):
+                await self._call.cancel()
             self._call = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        with contextlib.suppress(Exception):
+            await self._stack.aclose()
 
-    async def _requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+    async def _send_loop(self) -> None:
         while True:
-            req = await self._out.get()
-            if req is None:
-                return
-            yield req
+            await self._call.send_message(await self._out.get())
 
     def send(self, type_url: str, *, error: str | None = None, nonce: str = "", version: str = "") -> None:
         req = discovery_pb2.DiscoveryRequest(type_url=type_url, response_nonce=nonce, version_info=version)
@@ -128,10 +140,11 @@ class AdsSession:
 
     async def recv(self, timeout: float = 30) -> discovery_pb2.DiscoveryResponse:
         assert self._call is not None
-        msg = await asyncio.wait_for(self._call.read(), timeout)
-        if msg is grpc.aio.EOF:
-            raise ConnectionError(
-                f"istiod closed the ADS stream: {await self._call.code()} {await self._call.details()}"
-            )
+        try:
+            msg = await asyncio.wait_for(self._call.recv_message(), timeout)
+        except GRPCError as exc:
+            raise ConnectionError(f"istiod closed the ADS stream: {exc.status.name} {exc.message}") from exc
+        if msg is None:
+            raise ConnectionError("istiod closed the ADS stream")
         assert isinstance(msg, discovery_pb2.DiscoveryResponse)
         return msg

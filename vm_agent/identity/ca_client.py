@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import grpc
-import grpc.aio
 from google.protobuf import struct_pb2
+from grpclib.client import UnaryUnaryMethod
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from vm_agent.backoff import FullJitterBackoff
 from vm_agent.logs import get_logger
 from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, ca_pb2
 from vm_agent.upstream import (
     ISTIO_CA_AUDIENCE,
+    UNAVAILABLE_ERRORS,
     ClientCertProvider,
     UpstreamError,
     UpstreamSettings,
@@ -36,16 +39,25 @@ log = get_logger("identity")
 # istio's CA client retries these codes inside one CreateCertificate call (§4.4, §18 P2).
 RETRYABLE_CODES = frozenset(
     {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNAVAILABLE,
+        Status.CANCELLED,
+        Status.DEADLINE_EXCEEDED,
+        Status.RESOURCE_EXHAUSTED,
+        Status.ABORTED,
+        Status.INTERNAL,
+        Status.UNAVAILABLE,
     }
 )
 ATTEMPTS = 5
 FIRST_WAIT = 0.1
+
+
+class RpcError(Exception):
+    """One failed CreateCertificate call: the gRPC status (a failed connection is UNAVAILABLE) and details."""
+
+    def __init__(self, status: Status, details: str) -> None:
+        super().__init__(f"{status.name}: {details}")
+        self.status = status
+        self.details = details
 
 
 class CaError(Exception):
@@ -100,16 +112,28 @@ class CaClient:
         self._rng = rng or random.Random()
 
     async def _attempt(self, request: ca_pb2.IstioCertificateRequest) -> ca_pb2.IstioCertificateResponse:
-        async with open_channel(self._settings, self._client_cert) as channel:
-            create = channel.unary_unary(
-                CA_CREATE_CERTIFICATE_PATH,
-                request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
-                response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
+        try:
+            channel = open_channel(self._settings, self._client_cert)
+        except ssl.SSLError as exc:
+            raise RpcError(Status.UNAVAILABLE, f"the current certificate cannot be presented: {exc}") from exc
+        try:
+            create: UnaryUnaryMethod[ca_pb2.IstioCertificateRequest, ca_pb2.IstioCertificateResponse] = (
+                UnaryUnaryMethod(
+                    channel, CA_CREATE_CERTIFICATE_PATH, ca_pb2.IstioCertificateRequest, ca_pb2.IstioCertificateResponse
+                )
             )
             response: ca_pb2.IstioCertificateResponse = await create(
                 request, metadata=call_metadata(self._settings), timeout=self._call_timeout
             )
             return response
+        except GRPCError as exc:
+            raise RpcError(exc.status, exc.message or "") from exc
+        except TimeoutError as exc:
+            raise RpcError(Status.DEADLINE_EXCEEDED, f"no answer within {self._call_timeout:g}s") from exc
+        except (*UNAVAILABLE_ERRORS, StreamTerminatedError, ProtocolError) as exc:
+            raise RpcError(Status.UNAVAILABLE, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            channel.close()
 
     async def create_certificate(self, csr_pem: bytes, validity_seconds: int) -> Sequence[str]:
         """The CA's ``cert_chain`` for ``csr_pem``; ``CaError`` after the retries are used up."""
@@ -118,7 +142,7 @@ class CaClient:
         request = ca_pb2.IstioCertificateRequest(
             csr=csr_pem.decode("ascii"), validity_duration=validity_seconds, metadata=metadata
         )
-        last: grpc.aio.AioRpcError | None = None
+        last: RpcError | None = None
         # Full jitter (vm_agent.backoff) so that CA clients failing together do not retry together.
         backoff = FullJitterBackoff(
             self._first_wait, self._first_wait * 2**self._attempts, floor=self._first_wait / 2, rng=self._rng
@@ -130,20 +154,20 @@ class CaClient:
                 response = await self._attempt(request)
             except UpstreamError as exc:
                 raise CaError("root_cert", str(exc)) from exc
-            except grpc.aio.AioRpcError as exc:
+            except RpcError as exc:
                 last = exc
-                if exc.code() not in RETRYABLE_CODES:
+                if exc.status not in RETRYABLE_CODES:
                     break
                 continue
             return list(response.cert_chain)
         assert last is not None
         raise await self._explain(last)
 
-    async def _explain(self, exc: grpc.aio.AioRpcError) -> CaError:
-        code = exc.code()
-        details = exc.details() or ""
+    async def _explain(self, exc: RpcError) -> CaError:
+        code = exc.status
+        details = exc.details
         where = self._settings.address
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED):
             problem = await diagnose_connection(self._settings)
             if problem is not None:
                 if "not signed by" in problem:
@@ -154,7 +178,7 @@ class CaClient:
                     return CaError("ca_unreachable", problem)
                 return CaError("tls", problem)
             return CaError("ca_unavailable", f"CA at {where} is reachable but answered {code.name}: {details}")
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        if code in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
             has_cert = self._client_cert is not None and self._client_cert() is not None
             token_problem = None if has_cert else _token_problem(self._settings, datetime.now(UTC))
             if token_problem is not None:

@@ -12,19 +12,21 @@ import contextlib
 import grp
 import itertools
 import os
+import socket
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
-import grpc.aio
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 from prometheus_client import Counter, Gauge
 
+from vm_agent.grpc_uds import listen_unix, serve
 from vm_agent.identity.manager import DEFAULT, ROOTCA, SecretManager
 from vm_agent.identity.settings import IdentitySettings
 from vm_agent.logs import get_logger
@@ -34,6 +36,9 @@ log = get_logger("sds")
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
+SOCKET_MODE = 0o660
+
+SdsStream = Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]
 
 SDS_CONNECTIONS = Gauge("vm_agent_sds_connections", "Envoy SDS streams open now", registry=REGISTRY)
 SDS_PUSHES = Counter("vm_agent_sds_pushes", "SDS responses sent to Envoy", registry=REGISTRY)
@@ -64,19 +69,20 @@ class SdsServer:
         self._nacks = 0
         self._last_nack: str | None = None
         self.serving = asyncio.Event()
+        self._sock: socket.socket | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def _prepare_socket_path(self) -> None:
-        path = self._settings.sds_socket
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    def bind(self) -> None:
+        """Listen on the SDS socket now (before Envoy starts); ``run()`` serves it. Idempotent."""
+        if self._sock is None:
+            # The SDS path is ours alone (Istio's workload-spiffe-uds folder): whatever is left there goes.
+            self._sock = listen_unix(self._settings.sds_socket, mode=SOCKET_MODE, what="SDS", replace_files=True)
+            self._set_ownership()
 
     def _set_ownership(self) -> None:
         path = self._settings.sds_socket
         group = self._settings.sds_socket_group
-        os.chmod(path, 0o660)
         if group is None:
             return
         try:
@@ -86,34 +92,26 @@ class SdsServer:
         for target in (path.parent, path):
             os.chown(target, -1, gid)
 
+    def __mapping__(self) -> dict[str, Handler]:
+        prefix = f"/{SERVICE}/"
+        request, response = discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse
+        return {
+            prefix + "StreamSecrets": Handler(self._stream_secrets, Cardinality.STREAM_STREAM, request, response),
+            prefix + "DeltaSecrets": Handler(self._unimplemented, Cardinality.STREAM_STREAM, request, response),
+            prefix + "FetchSecrets": Handler(self._unimplemented, Cardinality.UNARY_UNARY, request, response),
+        }
+
     async def run(self) -> None:
-        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100_000)])
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    SERVICE,
-                    {
-                        "StreamSecrets": grpc.stream_stream_rpc_method_handler(
-                            self._stream_secrets,
-                            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                            response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
-                        ),
-                        "DeltaSecrets": grpc.stream_stream_rpc_method_handler(self._unimplemented_stream),
-                        "FetchSecrets": grpc.unary_unary_rpc_method_handler(self._unimplemented_unary),
-                    },
-                ),
-            )
-        )
         unsubscribe = self._manager.subscribe(self._on_change)
         path = self._settings.sds_socket
+        server = None
         try:
-            self._prepare_socket_path()
-            server.add_insecure_port(f"unix:{path}")
-            await server.start()
-            self._set_ownership()
+            self.bind()
+            assert self._sock is not None
+            server = await serve([self], self._sock)
             log.info("SDS serving on %s", path)
             self.serving.set()
-            await server.wait_for_termination()
+            await asyncio.Event().wait()
         finally:
             self.serving.clear()
             unsubscribe()
@@ -121,19 +119,14 @@ class SdsServer:
             # socket keeps working without its name until the server stops.
             with contextlib.suppress(OSError):
                 path.unlink()
-            try:
-                await server.stop(grace=None)
-            finally:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            if server is not None:
+                await asyncio.shield(server.stop())
+            elif self._sock is not None:
+                self._sock.close()
+            self._sock = None
 
-    async def _unimplemented_stream(
-        self, _requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only StreamSecrets is served")
-
-    async def _unimplemented_unary(self, _request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only StreamSecrets is served")
+    async def _unimplemented(self, _stream: Any) -> None:
+        raise GRPCError(Status.UNIMPLEMENTED, "only StreamSecrets is served")
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -182,7 +175,7 @@ class SdsServer:
         packed.Pack(secret)
         return packed
 
-    async def _send(self, stream: _Stream, names: set[str], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _send(self, stream: _Stream, names: set[str], context: SdsStream) -> None:
         """Send what we have of ``names``; anything not available yet stays pending for a later push."""
         resources: list[any_pb2.Any] = []
         for name in sorted(names):
@@ -200,14 +193,12 @@ class SdsServer:
             version_info=version, type_url=SECRET_TYPE_URL, nonce=nonce, resources=resources
         )
         stream.last_nonce = nonce
-        await context.write(response)
+        await context.send_message(response)
         self._pushes += 1
         SDS_PUSHES.inc()
         log.debug("sent %s to %s (version %s)", ", ".join(sorted(names - stream.pending)), stream.node_id, version)
 
-    async def _on_request(
-        self, stream: _Stream, req: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def _on_request(self, stream: _Stream, req: discovery_pb2.DiscoveryRequest, context: SdsStream) -> None:
         names = set(req.resource_names)
         unknown = names - {DEFAULT, ROOTCA}
         if unknown:
@@ -241,14 +232,12 @@ class SdsServer:
         if added:
             await self._send(stream, added, context)
 
-    async def _stream_secrets(
-        self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def _stream_secrets(self, context: SdsStream) -> None:
         stream = _Stream(next(self._ids))
-        abort: tuple[grpc.StatusCode, str] | None = None
+        abort: tuple[Status, str] | None = None
 
         async def read() -> None:
-            async for req in requests:
+            async for req in context:
                 stream.events.put_nowait(req)
             stream.events.put_nowait(None)
 
@@ -268,7 +257,7 @@ class SdsServer:
                         continue
                     if stream.node_id is None:
                         if not event.node.id:
-                            abort = (grpc.StatusCode.INVALID_ARGUMENT, "missing node information")
+                            abort = (Status.INVALID_ARGUMENT, "missing node information")
                             reader.cancel()
                             break
                         stream.node_id = event.node.id
@@ -278,4 +267,4 @@ class SdsServer:
             del self._streams[stream.conn_id]
             SDS_CONNECTIONS.dec()
         if abort is not None:
-            await context.abort(*abort)
+            raise GRPCError(*abort)

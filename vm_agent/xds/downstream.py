@@ -2,31 +2,28 @@
 
 The proxy's stream logic only needs four things from whoever sits downstream: read the next request,
 write a response, tell a cancel from a clean close, and end the stream with a status. ``EnvoyDownstream``
-provides them over a gRPC servicer context; the fleet simulator (bench/fleet) provides them without any
+provides them over a grpclib server stream; the fleet simulator (bench/fleet) provides them without any
 Envoy, so that simulated VMs run the agent's own upstream, NDS and health code.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import grpc
-import grpc.aio
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
+from vm_agent.grpc_uds import UdsServer, listen_unix, serve
+from vm_agent.upstream import RawCodec
 from vm_agent.xds.wire import Flavour
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHODS = {Flavour.SOTW: "StreamAggregatedResources", Flavour.DELTA: "DeltaAggregatedResources"}
 SOCKET_MODE = 0o660
 """Istio uses 0666; only Envoy (same user or group) has any business on this socket."""
-_SUN_PATH_MAX = 107
-"""Longest Unix socket path Linux accepts (sun_path is 108 bytes with the terminating NUL)."""
 
 
 class Downstream(Protocol):
@@ -39,94 +36,61 @@ class Downstream(Protocol):
     async def write(self, message: bytes) -> None:
         """Hand one response to the downstream; raises when it went away."""
 
-    def end(self, code: grpc.StatusCode, details: str) -> None:
+    def end(self, code: Status, details: str) -> None:
         """The status the stream ends with (set before the stream's handler returns)."""
 
 
 class EnvoyDownstream:
-    """A ``Downstream`` over the servicer context of one of Envoy's ADS streams."""
+    """A ``Downstream`` over one of Envoy's ADS streams (grpclib cancels the handler when Envoy cancels)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-        self._context = context
+    def __init__(self, stream: Stream[bytes, bytes]) -> None:
+        self._stream = stream
+        self.status: tuple[Status, str] | None = None
 
     async def read(self) -> bytes | None:
-        message = await self._context.read()
-        if message is grpc.aio.EOF:
-            # A cancel (Envoy's usual way out) also reads as EOF; the cancel flag lands a moment later.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_until_done(self._context), 0.05)
-            return None
-        assert isinstance(message, bytes)
+        message = await self._stream.recv_message()
+        assert message is None or isinstance(message, bytes)
         return message
 
     def cancelled(self) -> bool:
-        return bool(self._context.cancelled())
+        return False  # a cancel never reads as the end of the requests: it cancels the handler
 
     async def write(self, message: bytes) -> None:
-        await self._context.write(message)
+        await self._stream.send_message(message)
 
-    def end(self, code: grpc.StatusCode, details: str) -> None:
-        self._context.set_code(code)
-        self._context.set_details(details)
-
-
-async def _until_done(context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-    # grpc.aio gives a servicer no awaitable for "the RPC is over", only the done() flag.
-    while not context.done():  # noqa: ASYNC110
-        await asyncio.sleep(0.005)
+    def end(self, code: Status, details: str) -> None:
+        self.status = (code, details)
 
 
 StreamHandler = Callable[[Flavour, Downstream], Awaitable[None]]
 
 
-def ads_server(path: Path, max_receive_bytes: int, handler: StreamHandler) -> grpc.aio.Server:
-    """An ADS server (SotW and Delta) on the Unix socket ``path``, each stream handed to ``handler``."""
-    _prepare_socket_path(path)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_receive_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.max_concurrent_streams", 100_000),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            # Istio enforces a 15 s minimum between client pings (half its 30 s keepalive time).
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 15_000),
-        ]
-    )
+class _AdsService:
+    def __init__(self, handler: StreamHandler) -> None:
+        self._handler = handler
 
-    def behaviour(flavour: Flavour) -> Callable[[Any, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[None]]:
-        async def serve(_requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-            await handler(flavour, EnvoyDownstream(context))
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            f"/{ADS_SERVICE}/{method}": Handler(self._behaviour(flavour), Cardinality.STREAM_STREAM, bytes, bytes)
+            for flavour, method in METHODS.items()
+        }
 
-        return serve
+    def _behaviour(self, flavour: Flavour) -> Callable[[Stream[bytes, bytes]], Awaitable[None]]:
+        async def serve_one(stream: Stream[bytes, bytes]) -> None:
+            downstream = EnvoyDownstream(stream)
+            await self._handler(flavour, downstream)
+            if downstream.status is not None and downstream.status[0] is not Status.OK:
+                raise GRPCError(*downstream.status)
 
-    handlers = {
-        method: grpc.stream_stream_rpc_method_handler(behaviour(flavour)) for flavour, method in METHODS.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
-    try:
-        bound = server.add_insecure_port(f"unix:{path}")
-    except RuntimeError as exc:  # grpcio reports bind failures this way
-        raise OSError(f"xDS proxy: cannot listen on unix socket {path}: {exc}") from exc
-    if not bound:
-        raise OSError(f"xDS proxy: cannot listen on unix socket {path}")
-    return server
+        return serve_one
 
 
-def _prepare_socket_path(path: Path) -> None:
-    """Create the parent folder (0750) and remove a stale socket; refuse to delete anything else."""
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ValueError(
-            f"xDS socket path {path} is {len(os.fsencode(path))} bytes long; Unix sockets allow at most {_SUN_PATH_MAX}"
-        )
-    try:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"xDS socket folder {path.parent} cannot be created: {exc.strerror or exc}") from exc
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"xDS socket path {path} exists and is not a socket; remove it or choose another path")
-    path.unlink()
+def listen(path: Path) -> Any:
+    """The xDS socket, listening (the agent binds it before Envoy starts so Envoy's first dial waits for us)."""
+    return listen_unix(path, mode=SOCKET_MODE, what="xDS proxy")
+
+
+async def ads_server(path: Path, handler: StreamHandler, sock: Any = None) -> UdsServer:
+    """An ADS server (SotW and Delta) on the Unix socket ``path`` (or the already listening ``sock``), each
+    stream handed to ``handler``."""
+    return await serve([_AdsService(handler)], sock if sock is not None else listen(path), codec=RawCodec())

@@ -27,18 +27,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
+import h2.exceptions
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
+from grpclib.client import Stream as UpstreamCall
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from prometheus_client import Counter, Gauge
 
 from vm_agent.health.event import HealthEvent
 from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
-from vm_agent.upstream import ClientCertProvider, UpstreamError, UpstreamSettings, call_metadata, open_channel
-from vm_agent.xds.downstream import ADS_SERVICE, METHODS, SOCKET_MODE, Downstream, ads_server
+from vm_agent.upstream import (
+    UNAVAILABLE_ERRORS,
+    ClientCertProvider,
+    RawCodec,
+    UpstreamError,
+    UpstreamSettings,
+    call_metadata,
+    open_channel,
+)
+from vm_agent.xds.downstream import ADS_SERVICE, METHODS, Downstream, ads_server
 from vm_agent.xds.eds_witness import ENDPOINT_TYPE_URL, EdsWitness
 from vm_agent.xds.endpoint_hold import NONCE_PREFIX, EndpointHold
 from vm_agent.xds.health_report import HealthReporter, Report, ReportPolicy
@@ -52,6 +62,10 @@ WORKLOAD_TYPE_URL = "type.googleapis.com/istio.workload.Workload"
 
 _REQUEST_CREDITS = 16
 
+_UPSTREAM_IO_ERRORS = (*UNAVAILABLE_ERRORS, StreamTerminatedError, ProtocolError, h2.exceptions.ProtocolError)
+"""What a broken upstream connection or stream raises from a read or write."""
+
+Upstream = UpstreamCall[bytes, bytes]
 NameTableHandler = Callable[[nds_pb2.NameTable], Awaitable[None]]
 ResponseRewriter = Callable[[bytes, str, bool], Awaitable[bytes]]
 """(response, type_url, delta) → what Envoy gets instead (vm_agent.telemetry fits istiod's config to the binary)."""
@@ -125,15 +139,15 @@ def forwardable(type_url: str) -> bool:
     return type_url.startswith("type.googleapis.com/envoy.") or type_url == WORKLOAD_TYPE_URL
 
 
-def classify(code: grpc.StatusCode) -> str:
-    """How worrying an upstream end is. grpcio's texts differ from grpc-go's, so only the code is used."""
-    if code is grpc.StatusCode.OK:
+def classify(code: Status) -> str:
+    """How worrying an upstream end is. Status texts differ between gRPC stacks, so only the code is used."""
+    if code is Status.OK:
         return "graceful"
     if code in (
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,  # istiod's admission limiter under load: back off, no alarm
+        Status.CANCELLED,
+        Status.DEADLINE_EXCEEDED,
+        Status.UNAVAILABLE,
+        Status.RESOURCE_EXHAUSTED,  # istiod's admission limiter under load: back off, no alarm
     ):
         return "expected"
     return "unexpected"
@@ -162,7 +176,7 @@ class _TypeState:
 @dataclass
 class _End:
     side: str
-    code: grpc.StatusCode
+    code: Status
     details: str
 
 
@@ -181,7 +195,8 @@ class _Stream:
     responses: int = 0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end: _End | None = None
-    channel: grpc.aio.Channel | None = None
+    upstream_closed: bool = False
+    """The upstream call is over (its status was read, or its connection broke): nothing left to cancel."""
     queued: int = 0
     written: int = 0
     progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -190,7 +205,7 @@ class _Stream:
     """Set at the first response: istiod has processed the first request (and registered the VM)."""
     dialed_at: float | None = None
 
-    def finish(self, side: str, code: grpc.StatusCode, details: str) -> None:
+    def finish(self, side: str, code: Status, details: str) -> None:
         # The first cause wins: once one side ended, the other side's errors are consequences.
         if self.end is None:
             self.end = _End(side, code, details)
@@ -206,16 +221,12 @@ class _Stream:
         self.outbox.put_nowait((message, True))
 
     def as_dict(self) -> dict[str, Any]:
-        state = self.upstream_state
-        if self.channel is not None and state != "ended":
-            with contextlib.suppress(Exception):
-                state = f"{state} (channel {self.channel.get_state(try_to_connect=False).name.lower()})"
         return {
             "id": self.id,
             "flavour": self.flavour.value,
             "opened_at": self.opened_at,
             "initial_requests_sent": self.initial_sent,
-            "upstream": state,
+            "upstream": self.upstream_state,
             "requests": self.requests,
             "responses": self.responses,
         }
@@ -256,17 +267,17 @@ class Proxy:
     async def run(self) -> None:
         path = self._settings.socket_path
         self._stopping = False
-        server = ads_server(path, self._settings.max_downstream_message_bytes, self.serve_stream)
+        server = None
         try:
-            await server.start()
-            path.chmod(SOCKET_MODE)
+            server = await ads_server(path, self.serve_stream)
             log.info("xDS proxy listening on %s, upstream %s", path, self._settings.upstream.address)
             self.ready.set()
             await asyncio.Event().wait()
         finally:
             self.ready.clear()
             self._stopping = True
-            await asyncio.shield(server.stop(None))
+            if server is not None:
+                await asyncio.shield(server.stop())
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -339,54 +350,38 @@ class Proxy:
         previous, self._registered = self._registered, stream
         if previous is not None and not previous.ended.is_set():
             log.info("stream %d replaces stream %d; closing the older one", stream.id, previous.id)
-            previous.finish("agent", grpc.StatusCode.UNAVAILABLE, "replaced by a newer xDS stream")
+            previous.finish("agent", Status.UNAVAILABLE, "replaced by a newer xDS stream")
         self._streams[stream.id] = stream
         _ACTIVE.inc()
         log.info("Envoy opened %s stream %d", flavour.value, stream.id)
-        call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
+        channel: Any = None
         try:
             try:
                 if await self._dial_slot(stream):
-                    stream.channel = open_channel(self._settings.upstream, self._client_cert)
+                    channel = open_channel(self._settings.upstream, self._client_cert, codec=RawCodec())
             except UpstreamError as exc:
-                stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, str(exc))
-            except Exception as exc:  # e.g. a client certificate grpc cannot load
+                stream.finish("upstream", Status.UNAVAILABLE, str(exc))
+            except Exception as exc:  # e.g. a client certificate TLS cannot load
                 log.exception("stream %d: cannot dial %s", stream.id, self._settings.upstream.address)
-                stream.finish("upstream", grpc.StatusCode.UNAVAILABLE, f"cannot dial the discovery server: {exc}")
-            if stream.channel is not None:
-                multicallable = stream.channel.stream_stream(
-                    f"/{ADS_SERVICE}/{METHODS[flavour]}", request_serializer=None, response_deserializer=None
-                )
-                call = multicallable(metadata=call_metadata(self._settings.upstream))
-                async with asyncio.TaskGroup() as tg:
-                    tasks = [
-                        tg.create_task(self._pump_requests(stream, downstream)),
-                        tg.create_task(self._write_upstream(stream, call)),
-                        tg.create_task(self._pump_responses(stream, call, downstream)),
-                        tg.create_task(self._report_health(stream)),
-                        tg.create_task(
-                            self._hold.release_when_due(downstream.write, delta=stream.flavour is Flavour.DELTA)
-                        ),
-                    ]
-                    await stream.ended.wait()
-                    for task in tasks:
-                        task.cancel()
-            end = stream.end or _End("downstream", grpc.StatusCode.OK, "")
+                stream.finish("upstream", Status.UNAVAILABLE, f"cannot dial the discovery server: {exc}")
+            if channel is not None:
+                await self._relay(stream, downstream, channel)
+            end = stream.end or _End("downstream", Status.OK, "")
             self._record_end(stream, end)
-            if end.code is not grpc.StatusCode.OK:
+            if end.code is not Status.OK:
                 downstream.end(end.code, end.details)
         except asyncio.CancelledError:
-            # Envoy cancelled the RPC (or the server is stopping): gRPC cancels this handler.
+            # Envoy cancelled the RPC (or the server is stopping): the gRPC server cancels this handler.
             if self._stopping:
-                stream.finish("agent", grpc.StatusCode.UNAVAILABLE, "the agent is shutting down")
+                stream.finish("agent", Status.UNAVAILABLE, "the agent is shutting down")
             else:
-                stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
-            self._record_end(stream, stream.end or _End("downstream", grpc.StatusCode.CANCELLED, ""))
+                stream.finish("downstream", Status.CANCELLED, "Envoy cancelled the stream")
+            self._record_end(stream, stream.end or _End("downstream", Status.CANCELLED, ""))
             raise
         except Exception:
             # A bug in this stream's handling: end this stream loudly, keep serving the others.
             log.exception("stream %d: internal error in the xDS proxy", stream.id)
-            end = _End("agent", grpc.StatusCode.INTERNAL, "internal error in the xDS proxy")
+            end = _End("agent", Status.INTERNAL, "internal error in the xDS proxy")
             self._record_end(stream, end)
             downstream.end(end.code, end.details)
         finally:
@@ -395,15 +390,44 @@ class Proxy:
             if stream.upstream_state == "streaming":
                 _UPSTREAM_UP.dec()
             stream.upstream_state = "ended"
-            if call is not None:
-                call.cancel()
-            if stream.channel is not None:
-                await asyncio.shield(stream.channel.close())
+            if channel is not None:
+                channel.close()
             self._streams.pop(stream.id, None)
             if self._registered is stream:
                 self._registered = None
             _ACTIVE.dec()
             self._paced(stream)
+
+    async def _relay(self, stream: _Stream, downstream: Downstream, channel: Any) -> None:
+        """Open the upstream twin of ``stream`` and pump both directions until either side ends it."""
+        method = f"/{ADS_SERVICE}/{METHODS[stream.flavour]}"
+        md = call_metadata(self._settings.upstream)
+        # Every way out of the block below has ended the stream: what grpclib raises while closing the upstream
+        # call (its status was recorded already) is not news.
+        with contextlib.suppress(GRPCError, *_UPSTREAM_IO_ERRORS):
+            async with channel.request(method, Cardinality.STREAM_STREAM, bytes, bytes, metadata=md) as call:
+                try:
+                    await call.send_request()
+                except _UPSTREAM_IO_ERRORS as exc:
+                    stream.finish("upstream", Status.UNAVAILABLE, f"cannot reach the discovery server: {exc}")
+                    return
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tasks = [
+                            tg.create_task(self._pump_requests(stream, downstream)),
+                            tg.create_task(self._write_upstream(stream, call)),
+                            tg.create_task(self._pump_responses(stream, call, downstream)),
+                            tg.create_task(self._report_health(stream)),
+                            tg.create_task(
+                                self._hold.release_when_due(downstream.write, delta=stream.flavour is Flavour.DELTA)
+                            ),
+                        ]
+                        await stream.ended.wait()
+                        for task in tasks:
+                            task.cancel()
+                finally:
+                    if not stream.upstream_closed:
+                        await asyncio.shield(call.cancel())
 
     async def _dial_slot(self, stream: _Stream) -> bool:
         """Wait until the pacer lets this stream dial; False when the stream ended (was replaced) meanwhile."""
@@ -428,7 +452,7 @@ class Proxy:
     def _paced(self, stream: _Stream) -> None:
         if stream.dialed_at is None:
             return
-        end = stream.end or _End("downstream", grpc.StatusCode.OK, "")
+        end = stream.end or _End("downstream", Status.OK, "")
         wait = self._pacer.ended(
             responded=stream.responses > 0,
             lived_s=time.monotonic() - stream.dialed_at,
@@ -436,7 +460,7 @@ class Proxy:
         )
         _DIAL_BACKOFF.set(wait)
         if wait > 0:
-            shedding = " (istiod is shedding load)" if end.code is grpc.StatusCode.RESOURCE_EXHAUSTED else ""
+            shedding = " (istiod is shedding load)" if end.code is Status.RESOURCE_EXHAUSTED else ""
             log.info("stream %d did not work%s; the next dial waits %.1fs", stream.id, shedding, wait)
 
     def _record_end(self, stream: _Stream, end: _End) -> None:
@@ -465,19 +489,27 @@ class Proxy:
 
     async def _pump_requests(self, stream: _Stream, downstream: Downstream) -> None:
         """Envoy → outbox, in order; injects the NDS subscription after the first LDS request."""
+        limit = self._settings.max_downstream_message_bytes
         while True:
             await stream.credits.acquire()
             message = await downstream.read()
             if message is None:
                 if downstream.cancelled():
-                    stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy cancelled the stream")
+                    stream.finish("downstream", Status.CANCELLED, "Envoy cancelled the stream")
                 else:
-                    stream.finish("downstream", grpc.StatusCode.OK, "Envoy closed the stream")
+                    stream.finish("downstream", Status.OK, "Envoy closed the stream")
+                return
+            if len(message) > limit:
+                stream.finish(
+                    "downstream",
+                    Status.RESOURCE_EXHAUSTED,
+                    f"request of {len(message)} bytes from Envoy is larger than the {limit} bytes allowed",
+                )
                 return
             try:
                 head = peek_request(message, stream.flavour)
             except WireError as exc:
-                stream.finish("downstream", grpc.StatusCode.INVALID_ARGUMENT, f"malformed request from Envoy: {exc}")
+                stream.finish("downstream", Status.INVALID_ARGUMENT, f"malformed request from Envoy: {exc}")
                 return
             stream.requests += 1
             if head.response_nonce:
@@ -492,34 +524,51 @@ class Proxy:
                     stream.send_control(build_request(stream.flavour, NAME_TABLE_TYPE_URL))
                 stream.initial_sent = True
 
-    async def _write_upstream(self, stream: _Stream, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+    async def _write_upstream(self, stream: _Stream, call: Upstream) -> None:
         while True:
             message, from_envoy = await stream.outbox.get()
             try:
-                await call.write(message)
-            except grpc.aio.AioRpcError as exc:
-                stream.finish("upstream", exc.code(), exc.details() or "")
-                return
-            except asyncio.InvalidStateError:
-                # The call already finished; the response pump reports its status.
-                await stream.ended.wait()
+                await call.send_message(message)
+            except _UPSTREAM_IO_ERRORS as exc:
+                # The upstream call is over; the response pump reports how, if it can tell.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stream.ended.wait(), 1.0)
+                stream.finish("upstream", Status.UNAVAILABLE, f"writing to the discovery server failed: {exc}")
                 return
             stream.written += 1
             stream.progress.set()
             if from_envoy:
                 stream.credits.release()
 
-    async def _pump_responses(
-        self, stream: _Stream, call: grpc.aio.StreamStreamCall[bytes, bytes], downstream: Downstream
-    ) -> None:
+    async def _upstream_status(self, call: Upstream) -> tuple[Status, str]:
+        """How the upstream ended a stream that delivered its last message (grpclib reads the status once our
+        side is ended too)."""
+        try:
+            with contextlib.suppress(*_UPSTREAM_IO_ERRORS):
+                await call.end()
+            await call.recv_trailing_metadata()
+        except GRPCError as exc:
+            return exc.status, exc.message or ""
+        except _UPSTREAM_IO_ERRORS as exc:
+            return Status.UNAVAILABLE, f"upstream stream broke: {exc}"
+        return Status.OK, "upstream closed the stream"
+
+    async def _pump_responses(self, stream: _Stream, call: Upstream, downstream: Downstream) -> None:
         while True:
             try:
-                message = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                stream.finish("upstream", exc.code(), exc.details() or "")
+                message = await call.recv_message()
+            except GRPCError as exc:
+                stream.upstream_closed = True
+                stream.finish("upstream", exc.status, exc.message or "")
                 return
-            if message is grpc.aio.EOF:
-                stream.finish("upstream", grpc.StatusCode.OK, "upstream closed the stream")
+            except _UPSTREAM_IO_ERRORS as exc:
+                stream.upstream_closed = True
+                stream.finish("upstream", Status.UNAVAILABLE, f"upstream stream broke: {exc}")
+                return
+            if message is None:
+                status, details = await self._upstream_status(call)
+                stream.upstream_closed = True
+                stream.finish("upstream", status, details)
                 return
             assert isinstance(message, bytes)
             if stream.upstream_state != "streaming":
@@ -532,7 +581,7 @@ class Proxy:
             try:
                 head = peek_response(message)
             except WireError as exc:
-                stream.finish("upstream", grpc.StatusCode.INTERNAL, f"malformed response from upstream: {exc}")
+                stream.finish("upstream", Status.INTERNAL, f"malformed response from upstream: {exc}")
                 return
             stream.responses += 1
             stream.answered.set()
@@ -561,7 +610,7 @@ class Proxy:
                     await downstream.write(message)
                 except Exception as exc:  # the downstream went away under us; its handler is ending too
                     log.error("stream %d: dropping %s response, Envoy is gone (%s)", stream.id, head.type_url, exc)
-                    stream.finish("downstream", grpc.StatusCode.CANCELLED, "Envoy went away")
+                    stream.finish("downstream", Status.CANCELLED, "Envoy went away")
                     return
             else:
                 state.dropped += 1

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import socket
+import stat
 from pathlib import Path
 
-import grpc
 import pytest
+from grpclib.const import Status
 
+from vm_agent.grpc_uds import listen_unix
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, PROXY_CONFIG_TYPE_URL
-from vm_agent.xds.downstream import _prepare_socket_path
+from vm_agent.xds.downstream import SOCKET_MODE
 from vm_agent.xds.proxy import classify, forwardable
+
+
+def _prepare_socket_path(path: Path) -> None:
+    listen_unix(path, mode=SOCKET_MODE, what="xDS proxy").close()
 
 
 @pytest.mark.parametrize(
@@ -32,16 +38,11 @@ def test_only_envoy_types_and_workload_reach_envoy(type_url: str, expected: bool
 
 
 def test_disconnect_classes() -> None:
-    assert classify(grpc.StatusCode.OK) == "graceful"
-    for code in (
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ):
+    assert classify(Status.OK) == "graceful"
+    for code in (Status.CANCELLED, Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED):
         assert classify(code) == "expected"
     # Delta istiod answers "not ready" with Unknown (§18 P9): worth a warning, as in Istio.
-    for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+    for code in (Status.UNKNOWN, Status.PERMISSION_DENIED, Status.UNAUTHENTICATED):
         assert classify(code) == "unexpected"
 
 
@@ -56,9 +57,11 @@ def test_stale_socket_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "XDS"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
-    assert path.exists()
-    _prepare_socket_path(path)
-    assert not path.exists()
+    with socket.socket(socket.AF_UNIX) as client, pytest.raises(ConnectionRefusedError):
+        client.connect(str(path))
+    with listen_unix(path, mode=SOCKET_MODE, what="xDS proxy"), socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))  # a listening socket now sits where the stale one was
+        assert stat.S_IMODE(path.stat().st_mode) == SOCKET_MODE
 
 
 def test_refuses_to_delete_a_regular_file(tmp_path: Path) -> None:
@@ -85,5 +88,5 @@ def _umask() -> int:
 
 def test_unusable_socket_folder_is_named(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OSError, match=r"xDS socket folder .*/file cannot be created"):
+    with pytest.raises(OSError, match=r"xDS proxy socket folder .*/file cannot be created"):
         _prepare_socket_path(tmp_path / "file" / "XDS")
