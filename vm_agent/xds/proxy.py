@@ -28,16 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import h2.exceptions
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 from grpclib.client import Stream as UpstreamCall
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from prometheus_client import Counter, Gauge
 
 from vm_agent.health.event import HealthEvent
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, nds_pb2
 from vm_agent.upstream import (
     UNAVAILABLE_ERRORS,
@@ -48,12 +45,21 @@ from vm_agent.upstream import (
     call_metadata,
     open_channel,
 )
+from vm_agent.xds import metrics
 from vm_agent.xds.downstream import ADS_SERVICE, METHODS, Downstream, ads_server
 from vm_agent.xds.eds_witness import ENDPOINT_TYPE_URL, EdsWitness
 from vm_agent.xds.endpoint_hold import NONCE_PREFIX, EndpointHold
 from vm_agent.xds.health_report import HealthReporter, Report, ReportPolicy
 from vm_agent.xds.pacing import DialPacer, PacingSettings
-from vm_agent.xds.wire import INTERNAL, Flavour, WireError, build_request, peek_request, peek_response
+from vm_agent.xds.wire import (
+    INTERNAL,
+    Flavour,
+    WireError,
+    build_request,
+    first_resource,
+    peek_request,
+    peek_response,
+)
 
 log = get_logger("xds")
 
@@ -69,52 +75,6 @@ Upstream = UpstreamCall[bytes, bytes]
 NameTableHandler = Callable[[nds_pb2.NameTable], Awaitable[None]]
 ResponseRewriter = Callable[[bytes, str, bool], Awaitable[bytes]]
 """(response, type_url, delta) → what Envoy gets instead (vm_agent.telemetry fits istiod's config to the binary)."""
-
-_STREAMS = Counter("vm_agent_xds_streams", "ADS streams Envoy opened, by flavour", ["flavour"], registry=REGISTRY)
-_ACTIVE = Gauge("vm_agent_xds_active_streams", "ADS streams currently proxied", registry=REGISTRY)
-_UPSTREAM_UP = Gauge(
-    "vm_agent_xds_upstream_connected",
-    "1 while an upstream stream to the discovery server has delivered a response and not ended",
-    registry=REGISTRY,
-)
-_DISCONNECTS = Counter(
-    "vm_agent_xds_disconnects",
-    "Proxied streams that ended, by who ended them, the gRPC status and its class (graceful, expected, unexpected)",
-    ["side", "code", "reason"],
-    registry=REGISTRY,
-)
-_RESPONSES = Counter(
-    "vm_agent_xds_responses",
-    "Responses from the discovery server, by type and what the proxy did (forwarded, consumed, dropped)",
-    ["type_url", "action"],
-    registry=REGISTRY,
-)
-_RESPONSE_BYTES = Counter(
-    "vm_agent_xds_response_bytes", "Bytes of responses received from the discovery server", registry=REGISTRY
-)
-_ACKS = Counter(
-    "vm_agent_xds_acks",
-    "ACKs and NACKs sent upstream, by type, result and sender (envoy or agent)",
-    ["type_url", "result", "sender"],
-    registry=REGISTRY,
-)
-_LAST_RESPONSE = Gauge(
-    "vm_agent_xds_last_response_timestamp_seconds",
-    "Unix time of the last response of each type",
-    ["type_url"],
-    registry=REGISTRY,
-)
-_DIALS = Counter(
-    "vm_agent_xds_upstream_dials",
-    "Upstream streams opened to the discovery server, by how the previous one went (first, worked, failed)",
-    ["after"],
-    registry=REGISTRY,
-)
-_DIAL_BACKOFF = Gauge(
-    "vm_agent_xds_upstream_backoff_seconds",
-    "Wait imposed on the next upstream dial after a failed one (0 after a stream that worked)",
-    registry=REGISTRY,
-)
 
 
 @dataclass(frozen=True)
@@ -346,13 +306,13 @@ class Proxy:
         """Proxy one downstream stream (Envoy's, or a simulated VM's) to a fresh upstream stream."""
         stream = _Stream(id=next(self._ids), flavour=flavour, opened_at=time.time())
         self._streams_total += 1
-        _STREAMS.labels(flavour.value).inc()
+        metrics.STREAMS.labels(flavour.value).inc()
         previous, self._registered = self._registered, stream
         if previous is not None and not previous.ended.is_set():
             log.info("stream %d replaces stream %d; closing the older one", stream.id, previous.id)
             previous.finish("agent", Status.UNAVAILABLE, "replaced by a newer xDS stream")
         self._streams[stream.id] = stream
-        _ACTIVE.inc()
+        metrics.ACTIVE.inc()
         log.info("Envoy opened %s stream %d", flavour.value, stream.id)
         channel: Any = None
         try:
@@ -388,14 +348,14 @@ class Proxy:
             stream.ended.set()
             stream.progress.set()
             if stream.upstream_state == "streaming":
-                _UPSTREAM_UP.dec()
+                metrics.UPSTREAM_UP.dec()
             stream.upstream_state = "ended"
             if channel is not None:
                 channel.close()
             self._streams.pop(stream.id, None)
             if self._registered is stream:
                 self._registered = None
-            _ACTIVE.dec()
+            metrics.ACTIVE.dec()
             self._paced(stream)
 
     async def _relay(self, stream: _Stream, downstream: Downstream, channel: Any) -> None:
@@ -445,7 +405,7 @@ class Proxy:
             if stream.ended.is_set():
                 return False
         self._pacer.dialing()
-        _DIALS.labels(after).inc()
+        metrics.DIALS.labels(after).inc()
         stream.dialed_at = time.monotonic()
         return True
 
@@ -458,7 +418,7 @@ class Proxy:
             lived_s=time.monotonic() - stream.dialed_at,
             upstream_ended=end.side == "upstream",
         )
-        _DIAL_BACKOFF.set(wait)
+        metrics.DIAL_BACKOFF.set(wait)
         if wait > 0:
             shedding = " (istiod is shedding load)" if end.code is Status.RESOURCE_EXHAUSTED else ""
             log.info("stream %d did not work%s; the next dial waits %.1fs", stream.id, shedding, wait)
@@ -467,7 +427,7 @@ class Proxy:
         reason = classify(end.code)
         if end.side == "upstream":
             self._upstream_lost = True
-        _DISCONNECTS.labels(end.side, end.code.name, reason).inc()
+        metrics.DISCONNECTS.labels(end.side, end.code.name, reason).inc()
         self._last_disconnect = {
             "at": time.time(),
             "stream": stream.id,
@@ -574,7 +534,7 @@ class Proxy:
             if stream.upstream_state != "streaming":
                 stream.upstream_state = "streaming"
                 self._last_connected_at = time.time()
-                _UPSTREAM_UP.inc()
+                metrics.UPSTREAM_UP.inc()
                 if self._upstream_lost:
                     self._upstream_lost = False
                     self._hold.reconnected()
@@ -585,7 +545,7 @@ class Proxy:
                 return
             stream.responses += 1
             stream.answered.set()
-            _RESPONSE_BYTES.inc(len(message))
+            metrics.RESPONSE_BYTES.inc(len(message))
             state = self._types.setdefault(head.type_url, _TypeState())
             now = time.time()
             state.responses += 1
@@ -593,17 +553,17 @@ class Proxy:
             state.last_response_at = now
             state.last_nonce = head.nonce
             state.last_version = head.version
-            _LAST_RESPONSE.labels(head.type_url).set(now)
+            metrics.LAST_RESPONSE.labels(head.type_url).set(now)
             if head.type_url == NAME_TABLE_TYPE_URL and self._settings.dns_enabled:
                 state.consumed += 1
-                _RESPONSES.labels(head.type_url, "consumed").inc()
+                metrics.RESPONSES.labels(head.type_url, "consumed").inc()
                 await self._consume_name_table(stream, message, head.version, head.nonce)
             elif forwardable(head.type_url):
                 if head.type_url == ENDPOINT_TYPE_URL:
                     self._witness_eds(stream, message)
                     message = self._hold.forward(message, delta=stream.flavour is Flavour.DELTA)
                 state.forwarded += 1
-                _RESPONSES.labels(head.type_url, "forwarded").inc()
+                metrics.RESPONSES.labels(head.type_url, "forwarded").inc()
                 if self._rewrite is not None:
                     message = await self._rewrite(message, head.type_url, stream.flavour is Flavour.DELTA)
                 try:
@@ -614,15 +574,15 @@ class Proxy:
                     return
             else:
                 state.dropped += 1
-                _RESPONSES.labels(head.type_url, "dropped").inc()
+                metrics.RESPONSES.labels(head.type_url, "dropped").inc()
                 log.error("stream %d: dropping response of type %r: not an Envoy type", stream.id, head.type_url)
 
     async def _consume_name_table(self, stream: _Stream, message: bytes, version: str, nonce: str) -> None:
         """Apply a NameTable response and ACK/NACK it upstream (§5.4); an empty one is ignored unACKed."""
         error: str | None = None
         try:
-            payload = _first_resource(message, stream.flavour)
-        except DecodeError as exc:
+            payload = first_resource(message, stream.flavour)
+        except WireError as exc:
             payload = None
             error = f"cannot decode NameTable response: {exc}"
         if payload is None and error is None:
@@ -662,12 +622,12 @@ class Proxy:
         if error is None:
             state.acks += 1
             state.last_ack_at = now
-            _ACKS.labels(type_url, "ack", sender).inc()
+            metrics.ACKS.labels(type_url, "ack", sender).inc()
         else:
             state.nacks += 1
             state.last_nack_at = now
             state.last_nack_message = error
-            _ACKS.labels(type_url, "nack", sender).inc()
+            metrics.ACKS.labels(type_url, "nack", sender).inc()
 
     def _witness_eds(self, stream: _Stream, message: bytes) -> None:
         if self._witness is None or self._registered is not stream:
@@ -692,18 +652,3 @@ class Proxy:
             "stream %d: health %s sent (%s)", stream.id, "healthy" if event.healthy else "unhealthy", report.reason
         )
         return True
-
-
-def _first_resource(message: bytes, flavour: Flavour) -> tuple[str, bytes] | None:
-    """(type_url, value) of the first resource of a response, or ``None`` when it has none."""
-    if flavour is Flavour.SOTW:
-        sotw = discovery_pb2.DiscoveryResponse.FromString(message)
-        if not sotw.resources:
-            return None
-        first = sotw.resources[0]
-    else:
-        delta = discovery_pb2.DeltaDiscoveryResponse.FromString(message)
-        if not delta.resources:
-            return None
-        first = delta.resources[0].resource
-    return str(first.type_url), bytes(first.value)

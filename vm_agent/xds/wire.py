@@ -53,12 +53,12 @@ def _varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
 
 
 def _fields(
-    buf: bytes | memoryview, wanted: frozenset[int], start: int = 0, end: int | None = None
+    buf: bytes | memoryview, wanted: frozenset[int], start: int = 0, end: int | None = None, *, first: bool = False
 ) -> dict[int, tuple[int, int]]:
     """Offsets ``(start, end)`` of the last occurrence of each wanted length-delimited top-level field.
 
     Unknown fields are skipped (newer Envoys send fields this reader has never heard of). The last
-    occurrence wins, as protobuf says for singular fields.
+    occurrence wins, as protobuf says for singular fields (the first one, with ``first``: a repeated field's head).
     """
     if end is None:
         end = len(buf)
@@ -74,7 +74,7 @@ def _fields(
             stop = pos + length
             if stop > end:
                 raise WireError(f"field {number} runs past the end of the message ({stop} > {end})")
-            if number in wanted:
+            if number in wanted and not (first and number in found):
                 found[number] = (pos, stop)
             pos = stop
         elif wire_type == _VARINT:
@@ -229,3 +229,16 @@ def build_request(
         if error is not None:
             parts.append(_len_field(7, _status(*error)))
     return b"".join(parts)
+
+
+def first_resource(buf: bytes, flavour: Flavour) -> tuple[str, bytes] | None:
+    """(type_url, value) of a response's first resource (``resources``, field 2, in both flavours; in Delta the
+    Any is a Resource's ``resource``, field 2), or ``None`` when there is none. Nothing is decoded."""
+    span = _fields(buf, frozenset({2}), first=True).get(2)
+    if span is None:
+        return None
+    if flavour is Flavour.DELTA:
+        span = _fields(buf, frozenset({2}), *span).get(2, (span[0], span[0]))
+    any_fields = _fields(buf, frozenset({1, 2}), *span)
+    value = any_fields.get(2)
+    return _text(buf, any_fields.get(1)), buf[value[0] : value[1]] if value else b""
