@@ -10,11 +10,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from vm_agent.dns import wire
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Collector, CounterMetricFamily, GaugeMetricFamily
 
 
 class DnsStats:

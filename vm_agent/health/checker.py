@@ -14,13 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from vm_agent.config.probe import ReadinessProbe
 from vm_agent.health.event import HealthEvent
 from vm_agent.health.probers import probe_once
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge, Histogram
 
 log = get_logger("health")
 

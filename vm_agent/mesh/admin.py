@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vm_agent.logs import get_logger
 from vm_agent.mesh.store import CLUSTER_SCOPED, ManifestErrors, key_of, parse_yaml
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 if TYPE_CHECKING:
     from vm_agent.mesh.server import MeshServer

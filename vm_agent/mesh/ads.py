@@ -19,13 +19,12 @@ from google.protobuf.json_format import MessageToDict
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
-from prometheus_client import Counter, Gauge
 
 from vm_agent.logs import get_logger
 from vm_agent.mesh.auth import AuthError, Caller
 from vm_agent.mesh.ca import SpiffeId
 from vm_agent.mesh.node import NodeError, NodeInfo, parse_node
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL
 
 log = get_logger("mesh.ads")

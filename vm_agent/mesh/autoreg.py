@@ -13,13 +13,12 @@ from typing import Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from prometheus_client import Counter
 
 from vm_agent.logs import get_logger
 from vm_agent.mesh.ads import Connection
 from vm_agent.mesh.node import NodeInfo
 from vm_agent.mesh.store import Doc, ManifestErrors, ObjectStore, rfc3339_nano
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter
 
 log = get_logger("mesh.wle")
 

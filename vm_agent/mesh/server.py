@@ -20,7 +20,6 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
-from prometheus_client import Counter
 
 from vm_agent.files import atomic_write
 from vm_agent.logs import get_logger
@@ -36,7 +35,7 @@ from vm_agent.mesh.nametable import name_table
 from vm_agent.mesh.settings import ISTIOD_HOST, MeshSettings, split_host_port
 from vm_agent.mesh.store import Key, ObjectStore, parse_yaml
 from vm_agent.mesh.tokens import ServiceAccountIssuer
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter
 from vm_agent.proto import CA_CREATE_CERTIFICATE_PATH, NAME_TABLE_TYPE_URL, ca_pb2
 
 log = get_logger("mesh")

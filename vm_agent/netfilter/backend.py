@@ -15,10 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter
 from vm_agent.netfilter.render import (
     BACKENDS,
     CHAIN_PREFIX,

@@ -12,11 +12,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
-
 from vm_agent.http11 import HttpError, Request, Response, fetch, start_server
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 
 log = get_logger("status")
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
-
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge
 
 STREAMS = Counter("vm_agent_xds_streams", "ADS streams Envoy opened, by flavour", ["flavour"], registry=REGISTRY)
 ACTIVE = Gauge("vm_agent_xds_active_streams", "ADS streams currently proxied", registry=REGISTRY)

@@ -8,12 +8,11 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
 
 from tests.unit.identity.ca_server import LocalCAServer
 from tests.unit.identity.conftest import fast_backoff, identity_settings, make_token, running
 from vm_agent.identity.manager import SecretManager
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, generate_latest
 
 
 @pytest.mark.parametrize(
