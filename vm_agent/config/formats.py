@@ -110,8 +110,11 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\s+([A-Za-z0-9+/=\s]+?)----
 
 
 def check_pem_certificates(data: bytes) -> str | None:
-    """None if ``data`` holds at least one parseable X.509 certificate in PEM, else what is wrong."""
-    from cryptography import x509
+    """None if ``data`` holds at least one parseable X.509 certificate in PEM, else what is wrong.
+
+    OpenSSL parses them, through the ssl module the agent loads anyway (TLS to istiod).
+    """
+    import ssl
 
     if not data.strip():
         return "expected PEM certificates, the file is empty"
@@ -119,10 +122,11 @@ def check_pem_certificates(data: bytes) -> str | None:
     if not blocks:
         preview = data.strip()[:20].decode("utf-8", "replace")
         return f"expected PEM certificates (-----BEGIN CERTIFICATE-----), got {preview!r}"
+    store = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError as err:
-        return f"expected PEM certificates, could not parse one: {err}"
-    if not certs:
-        return "expected PEM certificates, found none"
+        store.load_verify_locations(cadata=data.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError) as err:
+        return f"expected PEM certificates, could not parse one: {getattr(err, 'reason', None) or err}"
+    if store.cert_store_stats()["x509"] < len({b"".join(block.split()) for block in blocks}):
+        return "expected PEM certificates, could not parse one"
     return None

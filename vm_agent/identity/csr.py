@@ -1,4 +1,5 @@
-"""Key pair and CSR the way istio's agent makes them (istio-agent.md §4.3).
+"""Key pair and CSR the way istio's agent makes them (istio-agent.md §4.3); run by the key helper
+(``vm_agent.identity.keygen``), never imported by the agent itself.
 
 The CSR subject is a single empty Organization and the only extension is a critical subjectAltName
 holding the SPIFFE URI; istiod ignores that SAN and signs the caller's identity, but the shape matches
@@ -12,12 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from vm_agent.identity.svid import spiffe_id as spiffe_id  # re-exported: callers build a CSR's URI with it
+
 _CURVES: dict[str, type[ec.EllipticCurve]] = {"P256": ec.SECP256R1, "P384": ec.SECP384R1}
 MIN_RSA_BITS = 2048
-
-
-def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 def generate_key_and_csr(

@@ -16,16 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
 from vm_agent.backoff import FullJitterBackoff
 from vm_agent.identity.ca_client import CaClient, CaError
-from vm_agent.identity.csr import generate_key_and_csr, spiffe_id
+from vm_agent.identity.keygen import KeygenError, KeyMaker, KeySpec
 from vm_agent.identity.settings import IdentitySettings, validate
 from vm_agent.identity.store import read_svid_files, write_svid_files
-from vm_agent.identity.svid import ChainError, Svid, merge_bundles, rotation_delay, rotation_ratio
+from vm_agent.identity.svid import ChainError, Svid, merge_bundles, rotation_delay, rotation_ratio, spiffe_id
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge
 from vm_agent.upstream import describe_token, read_token
 
 log = get_logger("identity")
@@ -83,8 +81,22 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat() if ts else None
 
 
+def key_spec(settings: IdentitySettings) -> KeySpec:
+    """What every key and CSR of this identity looks like."""
+    return KeySpec(
+        spiffe_id(settings.trust_domain, settings.namespace, settings.service_account),
+        key_algorithm=settings.key_algorithm,
+        rsa_key_size=settings.rsa_key_size,
+        ec_curve=settings.ec_curve,
+        pkcs8=settings.pkcs8,
+    )
+
+
 class SecretManager:
-    def __init__(self, settings: IdentitySettings, *, backoff: FullJitterBackoff | None = None) -> None:
+    def __init__(
+        self, settings: IdentitySettings, *, backoff: FullJitterBackoff | None = None, keys: KeyMaker | None = None
+    ) -> None:
+        """``keys``: where keys and CSRs come from (the agent passes one it may already have prefetched)."""
         validate(settings)
         self._settings = settings
         self.ready = asyncio.Event()
@@ -103,6 +115,7 @@ class SecretManager:
         self._token_expires_at: datetime | None = None
         self._ca = CaClient(settings.ca, self.client_cert, cert_signer=settings.cert_signer)
         self.expected_id = spiffe_id(settings.trust_domain, settings.namespace, settings.service_account)
+        self._keys = keys or KeyMaker(key_spec(settings))
 
     # -- what others read -------------------------------------------------------------------------
 
@@ -182,6 +195,7 @@ class SecretManager:
                 await self._wait((self._rotate_at - now).total_seconds(), watch_inputs=False)
         finally:
             self._listeners.clear()
+            self._keys.close()
 
     async def _wait(self, seconds: float, *, watch_inputs: bool) -> None:
         """Sleep up to ``seconds``; wake early on ``request_rotation`` or, after a failure, on changed inputs."""
@@ -219,14 +233,10 @@ class SecretManager:
         s = self._settings
         self._note_token()
         try:
-            key_pem, csr_pem = await asyncio.to_thread(
-                generate_key_and_csr,
-                self.expected_id,
-                key_algorithm=s.key_algorithm,
-                rsa_key_size=s.rsa_key_size,
-                ec_curve=s.ec_curve,
-                pkcs8=s.pkcs8,
-            )
+            try:
+                key_pem, csr_pem = await self._keys.make()
+            except (KeygenError, ValueError) as exc:
+                raise CaError("keygen", f"no key and CSR to send: {exc}") from exc
             chain = await self._ca.create_certificate(csr_pem, s.requested_ttl_seconds)
             try:
                 svid = Svid.from_ca_response(key_pem, chain)

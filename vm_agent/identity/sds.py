@@ -24,13 +24,12 @@ from google.protobuf import any_pb2
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
-from prometheus_client import Counter, Gauge
 
 from vm_agent.grpc_uds import listen_unix, serve
 from vm_agent.identity.manager import DEFAULT, ROOTCA, SecretManager
 from vm_agent.identity.settings import IdentitySettings
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge
 
 log = get_logger("sds")
 

@@ -8,11 +8,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from vm_agent.identity.der import CertificateFacts, DerError, certificate_facts, pem_blocks, private_key_public_part
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.S)
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 class ChainError(ValueError):
@@ -32,18 +34,8 @@ def merge_bundles(*bundles: bytes) -> bytes:
     return b"".join(sorted(certs))
 
 
-def spiffe_uris(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
-
-
-def _public_bytes(key: object) -> bytes:
-    if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    raise ChainError(f"unsupported key type {type(key).__name__}: expected RSA or ECDSA")
+def spiffe_uris(leaf: CertificateFacts) -> list[str]:
+    return [u for u in leaf.uris if u.startswith("spiffe://")]
 
 
 @dataclass(frozen=True)
@@ -52,7 +44,7 @@ class Svid:
 
     key_pem: bytes
     chain_pem: bytes
-    leaf: x509.Certificate
+    leaf: CertificateFacts
     root_pem: bytes
     """The last element of the CA's answer (istiod's root bundle)."""
     created_at: datetime
@@ -60,11 +52,11 @@ class Svid:
 
     @property
     def not_before(self) -> datetime:
-        return self.leaf.not_valid_before_utc
+        return self.leaf.not_before
 
     @property
     def not_after(self) -> datetime:
-        return self.leaf.not_valid_after_utc
+        return self.leaf.not_after
 
     @property
     def spiffe_id(self) -> str | None:
@@ -81,22 +73,24 @@ class Svid:
         if not certs:
             raise ChainError("certificate chain holds no PEM certificate")
         try:
-            leaf = x509.load_pem_x509_certificate(certs[0])
-        except ValueError as exc:
+            leaf = certificate_facts(pem_blocks(certs[0])[0][1])
+        except (DerError, IndexError) as exc:
             raise ChainError(f"leaf certificate does not parse: {exc}") from exc
         try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError) as exc:
-            # Never echo the key material; the type of failure is enough.
+            key = private_key_public_part(key_pem)
+        except DerError as exc:
+            # Never echo the key material; the kind of failure is enough.
+            if "unsupported key type" in str(exc):
+                raise ChainError(str(exc)) from exc
             raise ChainError("private key does not parse as an unencrypted PEM key") from exc
-        if _public_bytes(key.public_key()) != _public_bytes(leaf.public_key()):
+        if key != leaf.public_key:
             raise ChainError("private key does not match the leaf certificate")
         return cls(
             key_pem=key_pem,
             chain_pem=chain_pem,
             leaf=leaf,
             root_pem=certs[-1] if len(certs) > 1 else b"",
-            created_at=created_at or leaf.not_valid_before_utc,
+            created_at=created_at or leaf.not_before,
         )
 
     @classmethod

@@ -195,3 +195,12 @@ def mtls_call(port: int, root_pem: bytes, client: tuple[bytes, bytes] | None) ->
         except (OSError, ssl.SSLError) as exc:
             return HandshakeResult(False, "", server_cert, f"{type(exc).__name__}: {exc}")
     return HandshakeResult(data.startswith("HTTP/1.1 200") and data.endswith(GREETING), data, server_cert, None)
+
+
+def spiffe_uris(cert: x509.Certificate) -> list[str]:
+    """The SPIFFE URIs in a peer's certificate, read with the cryptography library (independent of the agent)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]

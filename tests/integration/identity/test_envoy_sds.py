@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.identity.envoy_sds import GREETING, RunningEnvoy, envoy_with_sds, mtls_call
+from tests.integration.identity.envoy_sds import GREETING, RunningEnvoy, envoy_with_sds, mtls_call, spiffe_uris
 from tests.integration.identity.test_sds_protocol import running_sds
 from tests.unit.identity.ca_server import LocalCAServer
 from tests.unit.identity.conftest import identity_settings, make_token, running
 from tests.unit.identity.pki import ThrowawayCA
 from vm_agent.identity.manager import SecretManager
-from vm_agent.identity.svid import spiffe_uris
 
 pytestmark = pytest.mark.integration
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers.mesh import MeshServer, running_mesh
 from tests.integration.identity.envoy_sds import RunningEnvoy, envoy_with_sds, mtls_call
+from tests.integration.identity.envoy_sds import spiffe_uris as peer_spiffe_uris
 from tests.integration.identity.test_sds_protocol import running_sds
 from tests.unit.identity.conftest import fast_backoff, running
 from tests.unit.identity.pki import ThrowawayCA
@@ -99,7 +100,7 @@ async def test_ten_second_certificates_rotate_under_envoy_and_survive_token_loss
                 result = await asyncio.to_thread(mtls_call, envoy.listener_port, mesh.root_cert_pem, client)
                 assert result.ok, result.error  # Python checks the chain and expiry at every handshake
                 assert result.server_cert is not None
-                assert spiffe_uris(result.server_cert) == [SPIFFE]
+                assert peer_spiffe_uris(result.server_cert) == [SPIFFE]
                 serials.add(result.server_cert.serial_number)
                 await asyncio.sleep(0.2)
             snap = manager.snapshot()

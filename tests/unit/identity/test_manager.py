@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.helpers.net import free_port
 from tests.unit.identity.ca_server import LocalCAServer
 from tests.unit.identity.conftest import fast_backoff, identity_settings, make_token, running
 from tests.unit.identity.pki import ThrowawayCA
+from vm_agent.identity.der import spki_public_key
 from vm_agent.identity.manager import SecretManager
 
 
@@ -51,7 +53,8 @@ async def test_issue_persist_and_output_certs(
     assert call.validity_duration == 3600
     assert call.cert_signer == "signer-x"
     csr = x509.load_pem_x509_csr(call.csr.encode())
-    assert csr.public_key() == svid.leaf.public_key()
+    spki = csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert svid.leaf.public_key == spki_public_key(spki)
 
     for folder, key_mode in ((settings.state_dir, 0o600), (settings.output_certs, 0o600)):
         assert folder is not None
