@@ -83,10 +83,10 @@ async def one_run(tmp: Path, measure_memory: bool) -> dict[str, float]:
                 raise
             ready = await _until(agent.ready, 60) + live
             out = {"live_s": live, "ready_s": ready}
+            assert agent.proc is not None
+            await asyncio.sleep(2)
+            out["rss_start_mb"] = _rss_mb(agent.proc.pid)
             if measure_memory:
-                assert agent.proc is not None
-                await asyncio.sleep(2)
-                out["rss_start_mb"] = _rss_mb(agent.proc.pid)
                 mesh.apply_yaml(_service_entries(NAMES), source="bench")
 
                 def loaded() -> bool:

@@ -1,8 +1,16 @@
 """The composition root: builds every service from ``Config`` and runs them in one TaskGroup.
 
 Services never import each other; this module hands each one the narrow callbacks it needs (see
-docs/architecture.md). Shutdown order matters to istiod and to in-flight requests: report not-ready, drain
-Envoy for the termination drain duration, then stop everything.
+docs/architecture.md).
+
+Start-up order matters to how soon the VM is ready: Envoy starts first, with the two sockets it dials
+(SDS, xDS) already listening, and boots while the rest of the agent is imported and built. So this module
+imports only what starting Envoy needs at the top; every other service's package is imported where it is
+built (``Agent._build``, the settings mappers), and packages that ``vm-agent run`` does not use at all (the
+local mesh, the demo, the doctor, other sub-commands) are never imported (tests/unit/test_lean_start.py).
+
+Shutdown order matters to istiod and to in-flight requests: report not-ready, drain Envoy for the
+termination drain duration, then stop everything.
 """
 
 from __future__ import annotations
@@ -11,34 +19,40 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vm_agent.config import Config, Problem
 from vm_agent.config.formats import parse_duration
-from vm_agent.dns import DnsServer, DnsSettings
 from vm_agent.envoy.bootstrap import EnvoySettings, NodeInfo
 from vm_agent.envoy.supervisor import Supervisor
-from vm_agent.envoy_binary import find_envoy_binary
-from vm_agent.health import Checker, HealthSettings
-from vm_agent.identity.manager import SecretManager
-from vm_agent.identity.sds import SdsServer
-from vm_agent.identity.settings import IdentitySettings
+from vm_agent.identity.store import CHAIN_FILE
 from vm_agent.logs import get_logger
-from vm_agent.netfilter import CaptureService, CaptureSettings
-from vm_agent.status import StatusServer, StatusSettings, notify, watchdog_loop
-from vm_agent.telemetry import IstioMetrics, LocalWorkload, NodeExchange, StockEnvoyAdapter, header_value
-from vm_agent.telemetry.detect import has_istio_filters
-from vm_agent.telemetry.peer import workload_from_metadata
-from vm_agent.upstream import UpstreamSettings
-from vm_agent.xds import Proxy, ReportPolicy, XdsSettings
+from vm_agent.sockets import listen_sds, listen_xds
+from vm_agent.status.notify import notify, watchdog_loop
+
+if TYPE_CHECKING:
+    from vm_agent.dns import DnsServer, DnsSettings
+    from vm_agent.health import Checker, HealthSettings
+    from vm_agent.identity.keygen import KeySpec
+    from vm_agent.identity.manager import SecretManager
+    from vm_agent.identity.sds import SdsServer
+    from vm_agent.identity.settings import IdentitySettings
+    from vm_agent.netfilter import CaptureService, CaptureSettings
+    from vm_agent.status import StatusServer
+    from vm_agent.telemetry import StockEnvoyAdapter
+    from vm_agent.upstream import UpstreamSettings
+    from vm_agent.xds import Proxy
 
 log = get_logger("agent")
 
 
 def upstream_settings(config: Config, *, for_ca: bool) -> UpstreamSettings:
+    from vm_agent.upstream import UpstreamSettings
+
     up = config.ca if for_ca else config.discovery
     return UpstreamSettings(
         address=up.address,
@@ -53,6 +67,8 @@ def upstream_settings(config: Config, *, for_ca: bool) -> UpstreamSettings:
 
 
 def identity_settings(config: Config) -> IdentitySettings:
+    from vm_agent.identity.settings import IdentitySettings
+
     ident = config.identity
     return IdentitySettings(
         ca=upstream_settings(config, for_ca=True),
@@ -74,7 +90,22 @@ def identity_settings(config: Config) -> IdentitySettings:
     )
 
 
+def key_spec(config: Config) -> KeySpec:
+    from vm_agent.identity.keygen import KeySpec
+
+    ident = config.identity
+    return KeySpec(
+        ident.spiffe_id,
+        key_algorithm=ident.key_algorithm,
+        rsa_key_size=ident.rsa_key_size,
+        ec_curve=ident.ec_curve,
+        pkcs8=ident.pkcs8,
+    )
+
+
 def dns_settings(config: Config) -> DnsSettings:
+    from vm_agent.dns import DnsSettings
+
     return DnsSettings(
         listen=config.dns.listen,
         upstreams=config.dns.upstreams,
@@ -127,6 +158,8 @@ def health_settings(config: Config) -> HealthSettings | None:
     probe = config.proxy.readiness_probe
     if probe is None:
         return None
+    from vm_agent.health import HealthSettings
+
     ips = config.node.instance_ips
     default_host = "localhost" if config.agent.rewrite_probe_localhost or not ips else ips[0]
     source: str | None = None
@@ -137,6 +170,8 @@ def health_settings(config: Config) -> HealthSettings | None:
 
 
 def capture_settings(config: Config) -> CaptureSettings:
+    from vm_agent.netfilter import CaptureSettings
+
     c = config.capture
     v4 = tuple(h for h, _ in config.dns.upstreams if ":" not in h)
     v6 = tuple(h for h, _ in config.dns.upstreams if ":" in h)
@@ -165,6 +200,10 @@ def telemetry_adapter(config: Config) -> StockEnvoyAdapter:
     VM_AGENT_STRIP_ISTIO_PROXY_FILTERS=true/false forces either; unset, the binary is probed (the shipped Envoy
     is known to be stock without running it).
     """
+    from vm_agent.envoy_binary import find_envoy_binary
+    from vm_agent.telemetry import NodeExchange, StockEnvoyAdapter, header_value, workload_from_metadata
+    from vm_agent.telemetry.detect import has_istio_filters
+
     node = config.node
     exchange = NodeExchange(node.id, header_value(workload_from_metadata(node.metadata, node.locality)))
     forced = config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "").strip().lower()
@@ -189,12 +228,43 @@ class _Stop(Exception):
 
 
 class Agent:
+    # Built by _build() while Envoy boots (see the module's docstring).
+    secrets: SecretManager
+    sds: SdsServer
+    dns: DnsServer | None
+    telemetry: StockEnvoyAdapter
+    xds: Proxy
+    capture: CaptureService | None
+    health: Checker | None
+    status: StatusServer
+
     def __init__(self, config: Config, *, log_as_json: bool = False) -> None:
+        from vm_agent.identity.keygen import KeyMaker
+
         self.config = config
+        self.envoy = Supervisor(envoy_settings(config, log_as_json=log_as_json))
+        self.keys = KeyMaker(key_spec(config))
+        self._stopping = False
+        self._skip_drain = False
+        self._stop_event = asyncio.Event()
+
+    def _build(self, sds_socket: socket.socket, xds_socket: socket.socket) -> None:
+        """Every service but Envoy, on the two sockets Envoy was started against."""
+        from vm_agent.identity.manager import SecretManager
+        from vm_agent.identity.sds import SdsServer
+        from vm_agent.status import StatusServer, StatusSettings
+        from vm_agent.telemetry import IstioMetrics, LocalWorkload
+        from vm_agent.xds import Proxy, ReportPolicy, XdsSettings
+
+        config = self.config
         ident = identity_settings(config)
-        self.secrets = SecretManager(ident)
-        self.sds = SdsServer(ident, self.secrets)
-        self.dns = DnsServer(dns_settings(config)) if config.dns.enabled else None
+        self.secrets = SecretManager(ident, keys=self.keys)
+        self.sds = SdsServer(ident, self.secrets, sock=sds_socket)
+        self.dns = None
+        if config.dns.enabled:
+            from vm_agent.dns import DnsServer
+
+            self.dns = DnsServer(dns_settings(config))
         self.telemetry = telemetry_adapter(config)
         self.xds = Proxy(
             XdsSettings(
@@ -208,17 +278,21 @@ class Agent:
             client_cert=self.secrets.client_cert,
             on_name_table=self.dns.update if self.dns is not None else None,
             rewrite_response=self.telemetry,
+            sock=xds_socket,
         )
-        self.envoy = Supervisor(envoy_settings(config, log_as_json=log_as_json))
         # The systemd unit applies capture rules before the agent starts (as root); an agent that itself runs as
         # root keeps them in place and removes them on stop.
-        self.capture = (
-            CaptureService(capture_settings(config))
-            if config.capture.enabled and config.agent.manage_capture and os.geteuid() == 0
-            else None
-        )
+        self.capture = None
+        if config.capture.enabled and config.agent.manage_capture and os.geteuid() == 0:
+            from vm_agent.netfilter import CaptureService
+
+            self.capture = CaptureService(capture_settings(config))
         hs = health_settings(config)
-        self.health = Checker(hs, envoy_ready=self.envoy.ready, on_event=self.xds.report_health) if hs else None
+        self.health = None
+        if hs is not None:
+            from vm_agent.health import Checker
+
+            self.health = Checker(hs, envoy_ready=self.envoy.ready, on_event=self.xds.report_health)
         checks: list[Callable[[], Awaitable[str | None]]] = [self._certificate_ready]
         if self.capture is not None:
             checks.append(self.capture.check)
@@ -254,9 +328,6 @@ class Agent:
             on_drain=self._drain_only,
             envoy_metrics=IstioMetrics(LocalWorkload.from_metadata(config.node.metadata)).render,
         )
-        self._stopping = False
-        self._skip_drain = False
-        self._stop_event = asyncio.Event()
 
     # --- readiness pieces the status server combines ---
     async def _certificate_ready(self) -> str | None:
@@ -321,6 +392,7 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        _watch_children_with_pidfds(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         log.info(
@@ -330,18 +402,27 @@ class Agent:
             self.config.identity.spiffe_id,
             self.config.discovery.address,
         )
+        paths = self.config.paths
+        sds_socket = listen_sds(paths.sds_socket, self.config.agent.envoy_group)
+        xds_socket = listen_xds(paths.xds_socket)
         try:
             async with asyncio.TaskGroup() as tg:
+                # Envoy first: it boots while the rest of the agent loads, and its first connections wait in the
+                # backlog of the sockets above until the SDS and xDS servers serve them.
+                tg.create_task(self.envoy.run(), name="envoy")
+                await self.envoy.first_start.wait()
+                if not (paths.state_dir / CHAIN_FILE).exists():
+                    await self.keys.prefetch()  # the helper makes the first key on another core meanwhile
+                self._build(sds_socket, xds_socket)
                 self.telemetry.start()  # probes a custom Envoy binary while the rest starts
+                tg.create_task(self.secrets.run(), name="identity")  # the CSR is on the way to ready
+                tg.create_task(self.sds.run(), name="sds")
+                tg.create_task(self.xds.run(), name="xds")
                 tg.create_task(self.status.run(), name="status")
                 if self.capture is not None:
                     tg.create_task(self.capture.run(), name="netfilter")
-                tg.create_task(self.secrets.run(), name="identity")
-                tg.create_task(self.sds.run(), name="sds")
                 if self.dns is not None:
                     tg.create_task(self.dns.run(), name="dns")
-                tg.create_task(self.xds.run(), name="xds")
-                tg.create_task(self.envoy.run(), name="envoy")
                 if self.health is not None:
                     tg.create_task(self.health.run(), name="health")
                 tg.create_task(self._notify_ready(), name="notify")
@@ -352,20 +433,36 @@ class Agent:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            for sock in (sds_socket, xds_socket):
+                sock.close()  # no-op once a server took it over and closed it
         notify("STOPPING=1")
         log.info("stopped")
+
+
+def _watch_children_with_pidfds(loop: asyncio.AbstractEventLoop) -> None:
+    """Python 3.11 waits for each child (Envoy, probes, the key helper) in a thread of its own; a pidfd on the
+    event loop does the same without one (3.12 does this by default)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # a kernel older than 5.3
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
 
 
 def _persisted_certificate_valid(chain: Path) -> bool:
     import datetime
 
-    from cryptography import x509
+    from vm_agent.identity.der import DerError, certificate_facts, pem_blocks
 
     try:
-        leaf = x509.load_pem_x509_certificates(chain.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
+        leaf = certificate_facts(pem_blocks(chain.read_bytes())[0][1])
+    except (OSError, DerError, IndexError):
         return False
-    return leaf.not_valid_after_utc > datetime.datetime.now(datetime.UTC)
+    return leaf.not_after > datetime.datetime.now(datetime.UTC)
 
 
 def _blocking_problems(config: Config) -> list[Problem]:
@@ -375,6 +472,8 @@ def _blocking_problems(config: Config) -> list[Problem]:
     missing or expired token is a warning (product point 1: identity never strands a VM).
     """
     token_file = str(config.paths.token)
+    if not any(p.file == token_file for p in config.problems):
+        return list(config.problems)
     if _persisted_certificate_valid(config.paths.state_dir / "cert-chain.pem"):
         return [p for p in config.problems if p.file != token_file]
     return list(config.problems)

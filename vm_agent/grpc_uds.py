@@ -1,17 +1,10 @@
-"""Envoy's two gRPC services on Unix sockets (SDS and the ADS proxy): the listening socket and the server.
-
-The sockets are bound before Envoy starts, while the rest of the agent is still loading: Envoy's first
-connections then wait in the listen backlog instead of failing into Envoy's retry backoff (up to 1 s).
-"""
+"""The gRPC server behind Envoy's two Unix sockets (SDS and the ADS proxy); ``vm_agent.sockets`` binds them."""
 
 from __future__ import annotations
 
-import os
 import socket
-import stat
 import weakref
 from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 from grpclib.config import Configuration
@@ -19,42 +12,6 @@ from grpclib.encoding.base import CodecBase
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
-
-SUN_PATH_MAX = 107
-"""Longest Unix socket path Linux accepts (sun_path is 108 bytes with the terminating NUL)."""
-
-
-def listen_unix(path: Path, *, mode: int, what: str, replace_files: bool = False) -> socket.socket:
-    """A listening socket at ``path``: its folder created (0750), a stale socket replaced; any other file is
-    refused, or replaced too with ``replace_files``."""
-    if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise ValueError(
-            f"{what} socket path {path} is {len(os.fsencode(path))} bytes long; Unix sockets allow at most "
-            f"{SUN_PATH_MAX}"
-        )
-    try:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"{what} socket folder {path.parent} cannot be created: {exc.strerror or exc}") from exc
-    try:
-        if not replace_files and not stat.S_ISSOCK(path.lstat().st_mode):
-            raise FileExistsError(
-                f"{what} socket path {path} exists and is not a socket; remove it or choose another path"
-            )
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(os.fspath(path))
-        os.chmod(path, mode)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"{what}: cannot listen on unix socket {path}: {exc.strerror or exc}") from exc
-    return sock
-
 
 KEEPALIVE_TIME_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0

@@ -43,6 +43,7 @@ from vm_agent.config.node import build_node
 from vm_agent.config.probe import ReadinessProbe, parse_probe
 from vm_agent.config.problems import ConfigError, Problem
 from vm_agent.config.role import check_gateway, read_role
+from vm_agent.interfaces import scan_interface_ips as _scan_interface_ips
 
 DEFAULT_ISTIOD_HOST = "istiod.istio-system.svc"
 
@@ -332,32 +333,6 @@ def _tls_server_name(host: str, override: str) -> str:
     return host
 
 
-# ---- instance IPs ------------------------------------------------------------------------------------
-
-
-def _scan_interface_ips() -> list[str]:
-    import psutil
-
-    found: list[str] = []
-    stats = psutil.net_if_stats()
-    for name, addrs in psutil.net_if_addrs().items():
-        st = stats.get(name)
-        if st is None or not st.isup:
-            continue
-        for addr in addrs:
-            if addr.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            text = addr.address.split("%", 1)[0]
-            try:
-                ip = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
-                continue
-            found.append(str(ip))
-    return found
-
-
 # ---- the loader -------------------------------------------------------------------------------------
 
 
@@ -610,7 +585,7 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
     if scan:
         try:
             scanned = _scan_interface_ips()
-        except (OSError, RuntimeError) as err:  # psutil needs /proc (absent in some chroots)
+        except OSError as err:
             env_problem("VM_AGENT_SCAN_INTERFACES", f"cannot list network interfaces ({err}); set ISTIO_SVC_IP")
             scanned = []
         if not scanned and not ips:

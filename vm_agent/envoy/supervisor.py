@@ -18,14 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-from prometheus_client import Counter, Gauge
-
 from vm_agent.envoy.admin import EnvoyAdmin
 from vm_agent.envoy.bootstrap import EnvoySettings, envoy_command, write_bootstrap
 from vm_agent.envoy_binary import find_envoy_binary
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge
 
 log = get_logger("envoy")
 
@@ -115,6 +112,8 @@ def spawn_plan(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
 
 def is_our_envoy(pid: int, binary: Path, bootstrap: Path) -> bool:
     """True only for a live process running ``binary`` with ``-c bootstrap`` (never an unrelated pid reuse)."""
+    import psutil  # only after an unclean exit left a pid file behind
+
     try:
         proc = psutil.Process(pid)
         cmdline = proc.cmdline()
@@ -149,6 +148,8 @@ def stop_leftover(pid_file: Path, binary: Path, bootstrap: Path) -> int | None:
         pid_file.unlink(missing_ok=True)
         return None
     log.warning("stopping Envoy pid %d left over from an earlier agent run", pid)
+    import psutil
+
     # SIGKILL straight away: its agent is gone, nobody drains for it, and pilot-agent ends Envoy with SIGKILL too.
     try:
         proc = psutil.Process(pid)
@@ -194,15 +195,21 @@ class Supervisor:
         self._drained = False
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
+        self.first_start = asyncio.Event()
+        """Set once the first Envoy process is started, or ``run()`` gave up before it could start one."""
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._binary = self.settings.binary or find_envoy_binary()
         bootstrap = self.settings.bootstrap_path
-        if self.settings.pid_file is not None:
-            await asyncio.to_thread(stop_leftover, self.settings.pid_file, self._binary, bootstrap)
-        write_bootstrap(self.settings)
+        try:
+            self._binary = self.settings.binary or find_envoy_binary()
+            if self.settings.pid_file is not None and self.settings.pid_file.exists():
+                await asyncio.to_thread(stop_leftover, self.settings.pid_file, self._binary, bootstrap)
+            write_bootstrap(self.settings)
+        except BaseException:
+            self.first_start.set()
+            raise
         try:
             while not self._stopping:
                 proc = await self._start(bootstrap)
@@ -223,6 +230,7 @@ class Supervisor:
                     self._restarts += 1
                     ENVOY_RESTARTS.inc()
         finally:
+            self.first_start.set()
             self._stopping = True
             await self._kill()
             self._state = "stopped"
@@ -339,6 +347,7 @@ class Supervisor:
             self.settings.pid_file.parent.mkdir(parents=True, exist_ok=True)
             self.settings.pid_file.write_text(f"{proc.pid}\n")
         self._state = "running"
+        self.first_start.set()
         log.info("started Envoy pid %d (start #%d)", proc.pid, self._starts)
         return proc
 

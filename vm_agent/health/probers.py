@@ -28,6 +28,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from vm_agent.config.probe import ExecAction, GrpcAction, HttpGetAction, ProbeAction, TcpSocketAction
 from vm_agent.http11 import ConnectError, HttpError, authority, fetch
+from vm_agent.interfaces import interface_addresses
 from vm_agent.logs import get_logger
 
 log = get_logger("health")
@@ -79,14 +80,7 @@ _warned_sources: set[str] = set()
 
 
 def _local_addresses() -> set[str]:
-    import psutil  # only probes with a bypass source address need this host's addresses
-
-    addrs: set[str] = set()
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                addrs.add(entry.address.split("%", 1)[0])
-    return addrs
+    return {address for _, address in interface_addresses(up_only=False)}
 
 
 def _is_local(address: str) -> bool:

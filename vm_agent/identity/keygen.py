@@ -97,6 +97,11 @@ class KeyMaker:
             return
         self._next = asyncio.ensure_future(_answer(proc))
 
+    def prefetch_soon(self) -> None:
+        """Have the next key made in the background (after a rotation: the next one then never waits for it)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(make_key_and_csr(self.spec))
+
     async def make(self) -> tuple[bytes, bytes]:
         """A key and CSR used by nobody else: the prefetched one if any, else a new one."""
         task, self._next = self._next, None

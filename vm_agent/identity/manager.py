@@ -261,6 +261,7 @@ class SecretManager:
         CERT_LAST_ROTATION.set(svid.created_at.timestamp())
         self._install(svid, "ca", extra_roots=b"")
         self._persist(svid)
+        self._keys.prefetch_soon()  # the next rotation's key, made by the helper while nothing waits for it
         return True
 
     def _configured_roots(self) -> bytes:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import itertools
-import os
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -25,17 +23,17 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
-from vm_agent.grpc_uds import listen_unix, serve
+from vm_agent.grpc_uds import serve
 from vm_agent.identity.manager import DEFAULT, ROOTCA, SecretManager
 from vm_agent.identity.settings import IdentitySettings
 from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY, Counter, Gauge
+from vm_agent.sockets import listen_sds
 
 log = get_logger("sds")
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
-SOCKET_MODE = 0o660
 
 SdsStream = Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]
 
@@ -58,7 +56,10 @@ class _Stream:
 
 
 class SdsServer:
-    def __init__(self, settings: IdentitySettings, manager: SecretManager) -> None:
+    def __init__(
+        self, settings: IdentitySettings, manager: SecretManager, *, sock: socket.socket | None = None
+    ) -> None:
+        """``sock``: the SDS socket already listening (``vm_agent.sockets.listen_sds``), else ``run()`` binds it."""
         self._settings = settings
         self._manager = manager
         self._streams: dict[int, _Stream] = {}
@@ -68,28 +69,9 @@ class SdsServer:
         self._nacks = 0
         self._last_nack: str | None = None
         self.serving = asyncio.Event()
-        self._sock: socket.socket | None = None
+        self._sock = sock
 
     # -- lifecycle --------------------------------------------------------------------------------
-
-    def bind(self) -> None:
-        """Listen on the SDS socket now (before Envoy starts); ``run()`` serves it. Idempotent."""
-        if self._sock is None:
-            # The SDS path is ours alone (Istio's workload-spiffe-uds folder): whatever is left there goes.
-            self._sock = listen_unix(self._settings.sds_socket, mode=SOCKET_MODE, what="SDS", replace_files=True)
-            self._set_ownership()
-
-    def _set_ownership(self) -> None:
-        path = self._settings.sds_socket
-        group = self._settings.sds_socket_group
-        if group is None:
-            return
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError as exc:
-            raise ValueError(f"SDS socket group {group!r} does not exist (the group Envoy runs as)") from exc
-        for target in (path.parent, path):
-            os.chown(target, -1, gid)
 
     def __mapping__(self) -> dict[str, Handler]:
         prefix = f"/{SERVICE}/"
@@ -105,8 +87,8 @@ class SdsServer:
         path = self._settings.sds_socket
         server = None
         try:
-            self.bind()
-            assert self._sock is not None
+            if self._sock is None:
+                self._sock = listen_sds(self._settings.sds_socket, self._settings.sds_socket_group)
             server = await serve([self], self._sock)
             log.info("SDS serving on %s", path)
             self.serving.set()

@@ -7,10 +7,21 @@
 * ``metrics``: Envoy's raw series → Istio's metric names and labels on the agent's ``/stats/prometheus``.
 """
 
+from typing import Any
+
 from vm_agent.telemetry.metrics import IstioMetrics, LocalWorkload
-from vm_agent.telemetry.peer import Workload, decode_header, header_value, workload_from_metadata
-from vm_agent.telemetry.rewrite import NodeExchange, for_stock_envoy
+from vm_agent.telemetry.peer import NodeExchange, Workload, decode_header, header_value, workload_from_metadata
 from vm_agent.telemetry.xds import StockEnvoyAdapter
+
+
+def __getattr__(name: str) -> Any:
+    # The rewrite loads Envoy's listener, cluster and filter protos: only when a response needs it.
+    if name == "for_stock_envoy":
+        from vm_agent.telemetry.rewrite import for_stock_envoy
+
+        return for_stock_envoy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IstioMetrics",

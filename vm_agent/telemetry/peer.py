@@ -202,3 +202,11 @@ def spiffe_namespace(principal: str) -> str:
     start += 4
     end = principal.find("/", start)
     return principal[start:] if end < 0 else principal[start:end]
+
+
+@dataclass(frozen=True)
+class NodeExchange:
+    """What this proxy tells its peers: its node id and its ``x-envoy-peer-metadata`` value."""
+
+    node_id: str
+    header_value: str

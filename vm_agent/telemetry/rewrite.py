@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -46,21 +45,20 @@ from udpa.type.v1 import typed_struct_pb2 as udpa_typed_struct_pb2
 from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2
 
 from vm_agent.telemetry import filters
+from vm_agent.telemetry.markers import (
+    ALPN,
+    ALPN_DROPPED,
+    CLUSTER_TYPE_URL,
+    HTTP_EXCHANGE,
+    ISTIO_PROXY_ONLY,
+    LISTENER_TYPE_URL,
+    MARKERS,
+    PEER_EXCHANGE_ALPN,
+    STATS,
+    mentions_istio_proxy,
+)
+from vm_agent.telemetry.peer import NodeExchange
 
-LISTENER_TYPE_URL = "type.googleapis.com/envoy.config.listener.v3.Listener"
-CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-
-TCP_EXCHANGE = "envoy.tcp.metadataexchange.config.MetadataExchange"
-HTTP_EXCHANGE = "io.istio.http.peer_metadata.Config"
-ALPN = "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig"
-STATS = "stats.PluginConfig"
-ISTIO_PROXY_ONLY = frozenset({TCP_EXCHANGE, HTTP_EXCHANGE, ALPN, STATS})
-"""Extensions only istio-proxy has, as istiod names their config types (TypedStruct-wrapped or not)."""
-PEER_EXCHANGE_ALPN = "istio-peer-exchange"
-"""The ALPN that tells a peer's exchange filter to write its preamble (istiod: ``ALPNInMeshWithMxc``)."""
-ALPN_DROPPED = f"alpn {PEER_EXCHANGE_ALPN}"
-"""How a removed ALPN entry is counted next to the replaced filters."""
-_MARKERS = (*(name.encode() for name in ISTIO_PROXY_ONLY), PEER_EXCHANGE_ALPN.encode())
 _TLS_CONTEXTS = {
     f"type.googleapis.com/{cls.DESCRIPTOR.full_name}": cls
     for cls in (tls_pb2.UpstreamTlsContext, tls_pb2.DownstreamTlsContext)
@@ -68,14 +66,6 @@ _TLS_CONTEXTS = {
 _HCM = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _TCP_PROXY = tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 _TYPED_STRUCTS = (xds_typed_struct_pb2.TypedStruct, udpa_typed_struct_pb2.TypedStruct)
-
-
-@dataclass(frozen=True)
-class NodeExchange:
-    """What this proxy tells its peers: its node id and its ``x-envoy-peer-metadata`` value."""
-
-    node_id: str
-    header_value: str
 
 
 def _typed_struct(any_: any_pb2.Any) -> tuple[str, struct_pb2.Struct | None]:
@@ -199,7 +189,7 @@ class _Rewriter:
             c.filters.extend(kept)
 
     def resource(self, any_: any_pb2.Any) -> None:
-        if not any(m in any_.value for m in _MARKERS):
+        if not any(m in any_.value for m in MARKERS):
             return
         if any_.type_url == LISTENER_TYPE_URL:
             lis = listener_pb2.Listener()
@@ -221,7 +211,7 @@ def for_stock_envoy(
 
     Returns the original bytes untouched when the response is not LDS/CDS or holds none of them.
     """
-    if type_url not in (LISTENER_TYPE_URL, CLUSTER_TYPE_URL) or not any(m in message for m in _MARKERS):
+    if not mentions_istio_proxy(message, type_url):
         return message, {}
     rewriter = _Rewriter(node)
     if delta:

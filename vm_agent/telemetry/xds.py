@@ -7,11 +7,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from prometheus_client import Counter
 
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
-from vm_agent.telemetry.rewrite import NodeExchange, for_stock_envoy
+from vm_agent.metrics import REGISTRY, Counter
+from vm_agent.telemetry.markers import mentions_istio_proxy
+from vm_agent.telemetry.peer import NodeExchange
 
 log = get_logger("telemetry")
 
@@ -48,8 +48,10 @@ class StockEnvoyAdapter:
         return await asyncio.shield(self._task)
 
     async def __call__(self, message: bytes, type_url: str, delta: bool) -> bytes:
-        if not await self.is_stock():
+        if not mentions_istio_proxy(message, type_url) or not await self.is_stock():
             return message
+        from vm_agent.telemetry.rewrite import for_stock_envoy  # Envoy's protos load on the first such response
+
         try:
             out, counts = for_stock_envoy(message, type_url, delta=delta, node=self._node)
         except DecodeError as exc:

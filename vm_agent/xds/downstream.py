@@ -8,22 +8,22 @@ Envoy, so that simulated VMs run the agent's own upstream, NDS and health code.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
-from vm_agent.grpc_uds import UdsServer, listen_unix, serve
+from vm_agent.grpc_uds import UdsServer, serve
+from vm_agent.sockets import listen_xds
 from vm_agent.upstream import RawCodec
 from vm_agent.xds.wire import Flavour
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHODS = {Flavour.SOTW: "StreamAggregatedResources", Flavour.DELTA: "DeltaAggregatedResources"}
-SOCKET_MODE = 0o660
-"""Istio uses 0666; only Envoy (same user or group) has any business on this socket."""
 
 
 class Downstream(Protocol):
@@ -85,12 +85,7 @@ class _AdsService:
         return serve_one
 
 
-def listen(path: Path) -> Any:
-    """The xDS socket, listening (the agent binds it before Envoy starts so Envoy's first dial waits for us)."""
-    return listen_unix(path, mode=SOCKET_MODE, what="xDS proxy")
-
-
-async def ads_server(path: Path, handler: StreamHandler, sock: Any = None) -> UdsServer:
-    """An ADS server (SotW and Delta) on the Unix socket ``path`` (or the already listening ``sock``), each
-    stream handed to ``handler``."""
-    return await serve([_AdsService(handler)], sock if sock is not None else listen(path), codec=RawCodec())
+async def ads_server(path: Path, handler: StreamHandler, *, sock: socket.socket | None = None) -> UdsServer:
+    """An ADS server (SotW and Delta) on the Unix socket ``path`` (or the already listening ``sock``: the agent
+    binds it before Envoy starts), each stream handed to ``handler``."""
+    return await serve([_AdsService(handler)], sock if sock is not None else listen_xds(path), codec=RawCodec())

@@ -31,10 +31,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from prometheus_client import Counter, Gauge
-
 from vm_agent.health.event import HealthEvent
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter, Gauge
 
 REPORTS_SENT = Counter(
     "vm_agent_xds_health_reports_sent",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -202,7 +203,9 @@ class Proxy:
         client_cert: ClientCertProvider | None,
         on_name_table: NameTableHandler | None,
         rewrite_response: ResponseRewriter | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: the xDS socket already listening (``vm_agent.sockets.listen_xds``), else ``run()`` binds it."""
         self._settings = settings
         self._rewrite = rewrite_response
         self._client_cert = client_cert
@@ -221,6 +224,7 @@ class Proxy:
         self._last_disconnect: dict[str, Any] | None = None
         self._last_connected_at: float | None = None
         self._stopping = False
+        self._sock = sock
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -229,7 +233,7 @@ class Proxy:
         self._stopping = False
         server = None
         try:
-            server = await ads_server(path, self.serve_stream)
+            server = await ads_server(path, self.serve_stream, sock=self._sock)
             log.info("xDS proxy listening on %s, upstream %s", path, self._settings.upstream.address)
             self.ready.set()
             await asyncio.Event().wait()

@@ -34,12 +34,8 @@ from google.protobuf import any_pb2, json_format, struct_pb2
 from tests.helpers.envoy import uds_grpc_cluster
 from tests.helpers.net import free_port
 from tests.integration.mesh_xdsgen.support import MeshCa, Svid, running_envoy, sds_server
-from vm_agent.telemetry.rewrite import (
-    CLUSTER_TYPE_URL,
-    LISTENER_TYPE_URL,
-    PEER_EXCHANGE_ALPN,
-    strip_istio_proxy_filters,
-)
+from vm_agent.telemetry.markers import CLUSTER_TYPE_URL, LISTENER_TYPE_URL, PEER_EXCHANGE_ALPN
+from vm_agent.telemetry.rewrite import strip_istio_proxy_filters
 
 pytestmark = [pytest.mark.integration]
 

@@ -20,15 +20,9 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from vm_agent.envoy_binary import find_envoy_binary
-from vm_agent.telemetry.rewrite import (
-    ALPN_DROPPED,
-    CLUSTER_TYPE_URL,
-    ISTIO_PROXY_ONLY,
-    LISTENER_TYPE_URL,
-    NodeExchange,
-    for_stock_envoy,
-    strip_istio_proxy_filters,
-)
+from vm_agent.telemetry.markers import ALPN_DROPPED, CLUSTER_TYPE_URL, ISTIO_PROXY_ONLY, LISTENER_TYPE_URL
+from vm_agent.telemetry.peer import NodeExchange
+from vm_agent.telemetry.rewrite import for_stock_envoy, strip_istio_proxy_filters
 
 pytestmark = [pytest.mark.integration]
 

@@ -10,7 +10,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from vm_agent.envoy_binary import find_envoy_binary
 from vm_agent.telemetry import NodeExchange, StockEnvoyAdapter
 from vm_agent.telemetry.detect import has_istio_filters
-from vm_agent.telemetry.rewrite import LISTENER_TYPE_URL
+from vm_agent.telemetry.markers import LISTENER_TYPE_URL
 
 DATA = Path(__file__).parents[1] / "interop_regressions" / "data"
 NODE = NodeExchange("sidecar~127.0.0.2~vm.ns~ns.svc.cluster.local", "Cg0KBE5BTUUSBRoDdm0x")

@@ -10,13 +10,8 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from vm_agent.telemetry.rewrite import (
-    ALPN_DROPPED,
-    CLUSTER_TYPE_URL,
-    LISTENER_TYPE_URL,
-    PEER_EXCHANGE_ALPN,
-    strip_istio_proxy_filters,
-)
+from vm_agent.telemetry.markers import ALPN_DROPPED, CLUSTER_TYPE_URL, LISTENER_TYPE_URL, PEER_EXCHANGE_ALPN
+from vm_agent.telemetry.rewrite import strip_istio_proxy_filters
 
 DATA = Path(__file__).parents[1] / "interop_regressions" / "data"
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from grpclib.const import Status
 
-from vm_agent.grpc_uds import listen_unix
 from vm_agent.proto import HEALTH_INFO_TYPE_URL, NAME_TABLE_TYPE_URL, PROXY_CONFIG_TYPE_URL
-from vm_agent.xds.downstream import SOCKET_MODE
+from vm_agent.sockets import SOCKET_MODE, listen_unix
 from vm_agent.xds.proxy import classify, forwardable
 
 
