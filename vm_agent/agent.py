@@ -249,7 +249,8 @@ class Agent:
         self._stop_event = asyncio.Event()
 
     def _build(self, sds_socket: socket.socket, xds_socket: socket.socket) -> None:
-        """Every service but Envoy, on the two sockets Envoy was started against."""
+        """Every service but Envoy, on the two sockets Envoy was started against (their modules load here:
+        ~0.1 s of imports while Envoy boots)."""
         from vm_agent.identity.manager import SecretManager
         from vm_agent.identity.sds import SdsServer
         from vm_agent.status import StatusServer, StatusSettings
@@ -280,6 +281,7 @@ class Agent:
             rewrite_response=self.telemetry,
             sock=xds_socket,
         )
+
         # The systemd unit applies capture rules before the agent starts (as root); an agent that itself runs as
         # root keeps them in place and removes them on stop.
         self.capture = None
