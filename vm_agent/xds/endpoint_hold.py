@@ -24,10 +24,9 @@ from collections.abc import Awaitable, Callable
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
-from prometheus_client import Counter
 
 from vm_agent.logs import get_logger
-from vm_agent.metrics import REGISTRY
+from vm_agent.metrics import REGISTRY, Counter
 
 log = get_logger("xds")
 
