@@ -9,7 +9,7 @@ from google.protobuf import any_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vm_agent.xds.wire import Flavour, WireError, build_request, peek_request, peek_response
+from vm_agent.xds.wire import Flavour, WireError, build_request, first_resource, peek_request, peek_response
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 text = st.text(max_size=40)
@@ -113,3 +113,26 @@ def test_build_delta_request_parses(type_url: str, nonce: str, error: tuple[int,
     if error is not None:
         assert (req.error_detail.code, req.error_detail.message) == error
     assert raw == req.SerializeToString(deterministic=True)
+
+
+@given(
+    resources=st.lists(st.tuples(st.text(max_size=30), st.binary(max_size=40)), max_size=4),
+    delta=st.booleans(),
+)
+def test_first_resource_matches_protobuf(resources: list[tuple[str, bytes]], delta: bool) -> None:
+    anys = [any_pb2.Any(type_url=t, value=v) for t, v in resources]
+    if delta:
+        message = discovery_pb2.DeltaDiscoveryResponse(
+            type_url="t", nonce="n", resources=[discovery_pb2.Resource(name="r", version="1", resource=a) for a in anys]
+        ).SerializeToString()
+    else:
+        message = discovery_pb2.DiscoveryResponse(version_info="1", resources=anys, nonce="n").SerializeToString()
+    expected = (resources[0][0], resources[0][1]) if resources else None
+    assert first_resource(message, Flavour.DELTA if delta else Flavour.SOTW) == expected
+
+
+def test_first_resource_of_a_delta_resource_without_payload_is_empty() -> None:
+    message = discovery_pb2.DeltaDiscoveryResponse(resources=[discovery_pb2.Resource(name="gone")]).SerializeToString()
+    assert first_resource(message, Flavour.DELTA) == ("", b"")
+    with pytest.raises(WireError):
+        first_resource(b"\x12\x05ab", Flavour.SOTW)
