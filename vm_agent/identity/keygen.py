@@ -1,4 +1,4 @@
-"""A new key and CSR come from a short-lived helper process, ``python -m vm_agent.identity.keygen``.
+"""A new key and CSR come from a short-lived helper process (``keygen.main`` in a fresh interpreter).
 
 The agent needs the ``cryptography`` library only to make a key and CSR: at start (without a persisted
 certificate) and at each rotation, twice a day by default. Loading it into the agent would keep ~7 MiB of
@@ -19,6 +19,12 @@ from dataclasses import asdict, dataclass
 
 HELPER_TIMEOUT_S = 60.0
 _BAD_SETTINGS = 2
+# The helper runs with exactly the agent's module path (the package's launcher builds it; -I ignores the
+# environment's), so it finds vm_agent and cryptography wherever the agent found them.
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from vm_agent.identity.keygen import main; raise SystemExit(main(sys.argv[2]))"
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,10 @@ async def _spawn(spec: KeySpec) -> asyncio.subprocess.Process:
     try:
         return await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "vm_agent.identity.keygen",
+            "-I",
+            "-c",
+            _BOOT,
+            json.dumps(sys.path),
             json.dumps(asdict(spec)),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -115,11 +123,11 @@ class KeyMaker:
             self._next = None
 
 
-def main() -> int:
-    """The helper: a KeySpec as JSON in argv[1], {"key", "csr"} PEMs as JSON on stdout."""
+def main(request: str | None = None) -> int:
+    """The helper: a KeySpec as JSON (``request``, else argv[1]), {"key", "csr"} PEMs as JSON on stdout."""
     from vm_agent.identity.csr import generate_key_and_csr
 
-    spec = KeySpec(**json.loads(sys.argv[1]))
+    spec = KeySpec(**json.loads(request if request is not None else sys.argv[1]))
     try:
         key, csr = generate_key_and_csr(
             spec.uri,
