@@ -42,6 +42,34 @@ RUNS = int(os.environ.get("BENCH_STARTUP_RUNS", "5"))
 NAMES = int(os.environ.get("BENCH_NAMETABLE_ENTRIES", "10000"))
 
 
+# Where a vm-agent start spends its time: the first log line of each step, as ms after ``vm-agent run``.
+MILESTONES = (
+    ("starting", "Python up, configuration read"),
+    ("started Envoy", "Envoy spawned"),
+    ("asking the CA", "every service built (imports done)"),
+    ("opened delta stream", "Envoy's first xDS stream"),
+    ("connected for secrets", "Envoy asks for its certificate"),
+    ("using ca certificate", "certificate issued"),
+    ("readiness: ready", "/healthz/ready would answer 200"),
+)
+
+
+def milestones(log: str, started: float) -> dict[str, float]:
+    import datetime
+
+    out: dict[str, float] = {}
+    for line in log.splitlines():
+        stamp = line.split("\t", 1)[0]
+        for marker, _ in MILESTONES:
+            if marker in line and marker not in out:
+                try:
+                    when = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
+                except ValueError:
+                    continue
+                out[marker] = when.timestamp() - started
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -79,7 +107,7 @@ async def one_run(tmp: Path, measure_memory: bool, *, istio_telemetry: bool = Tr
         mesh.apply_yaml(sample_manifests(app_port=app_port, service_port=svc_port), source="bench")
         files = write_vm_files(mesh, namespace="vmns", group="vmapp", out=tmp / "files", internal_ip="127.0.9.2")
         agent = AgentProcess(files, instance_ip="127.0.9.2")
-        t0 = time.monotonic()
+        started = time.time()
         agent.start()
         try:
             try:
@@ -89,6 +117,7 @@ async def one_run(tmp: Path, measure_memory: bool, *, istio_telemetry: bool = Tr
                 raise
             ready = await _until(agent.ready, 60) + live
             out = {"live_s": live, "ready_s": ready}
+            out.update({f"at:{k}": v for k, v in milestones(agent.log(), started).items()})
             assert agent.proc is not None
             await asyncio.sleep(2)
             out["rss_start_mb"] = _rss_mb(agent.proc.pid)
@@ -105,7 +134,6 @@ async def one_run(tmp: Path, measure_memory: bool, *, istio_telemetry: bool = Tr
             return out
         finally:
             agent.cleanup()
-            _ = t0
 
 
 async def pilot_agent_run(tmp: Path) -> dict[str, float] | None:
@@ -176,6 +204,16 @@ async def run() -> str:
         f"| {NAMES:,}-entry NameTable: apply → DNS table loaded (s) | | | | {med(rows, 'nametable_apply_s')} |",
         "",
         "pilot-agent column: " + ("measured" if peer else f"no run reached ready ({PILOT_AGENT})"),
+        "",
+        "Where vm-agent's start goes (like-for-like runs, from its own log; ms after `vm-agent run`, medians):",
+        "",
+        "| step | ms |",
+        "|---|---:|",
+        *(
+            f"| {what} | {1000 * m:.0f} |"
+            for marker, what in MILESTONES
+            if (m := median(plain, f"at:{marker}")) is not None
+        ),
         "",
         "Raw: " + json.dumps({"vm_agent": plain, "pilot_agent": peer, "vm_agent_default_mesh": rows}),
     ]
