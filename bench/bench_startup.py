@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +69,38 @@ def milestones(log: str, started: float) -> dict[str, float]:
                     continue
                 out[marker] = when.timestamp() - started
     return out
+
+
+# What `vm-agent run` imports before it is ready (the modules its start loads, the rewrite included).
+_RUN_IMPORTS = (
+    "vm_agent.cli, vm_agent.agent, vm_agent.identity.manager, vm_agent.identity.sds, vm_agent.xds, vm_agent.dns, "
+    "vm_agent.status, vm_agent.health, vm_agent.telemetry, vm_agent.telemetry.rewrite"
+)
+
+
+def import_profile(tries: int = 3) -> list[tuple[str, float]]:
+    """Import time by package (self time summed, best of ``tries`` fresh interpreters), largest first."""
+    best: dict[str, float] = {}
+    for _ in range(tries):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", f"import {_RUN_IMPORTS}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        totals: dict[str, float] = {}
+        for line in out.stderr.splitlines():
+            if not line.startswith("import time:") or line.count("|") != 2 or "self [us]" in line:
+                continue
+            own, _, name = line.removeprefix("import time:").split("|")
+            name = name.strip()
+            parts = name.split(".")
+            key = ".".join(parts[:2]) if parts[0] == "vm_agent" and len(parts) > 1 else parts[0]
+            totals[key] = totals.get(key, 0.0) + int(own) / 1000
+        for key, ms in totals.items():
+            best[key] = min(best.get(key, ms), ms)
+    return sorted(best.items(), key=lambda kv: -kv[1])
 
 
 def _rss_mb(pid: int) -> float:
@@ -173,6 +206,8 @@ async def run() -> str:
         with tempfile.TemporaryDirectory(prefix="bs", dir="/tmp") as tmp:
             rows.append(await one_run(Path(tmp), measure_memory=i == 0))
 
+    imports = await asyncio.to_thread(import_profile)
+
     def median(values: list[dict[str, float]], key: str) -> float | None:
         xs = [r[key] for r in values if key in r]
         return statistics.median(xs) if xs else None
@@ -214,6 +249,13 @@ async def run() -> str:
             for marker, what in MILESTONES
             if (m := median(plain, f"at:{marker}")) is not None
         ),
+        "",
+        "What those imports cost (`python -X importtime`, self time by package, best of 3; "
+        f"{sum(ms for _, ms in imports):.0f} ms in all):",
+        "",
+        "| package | ms |",
+        "|---|---:|",
+        *(f"| `{name}` | {ms:.1f} |" for name, ms in imports[:15]),
         "",
         "Raw: " + json.dumps({"vm_agent": plain, "pilot_agent": peer, "vm_agent_default_mesh": rows}),
     ]
