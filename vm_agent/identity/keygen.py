@@ -13,6 +13,7 @@ folder (0600), as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -117,10 +118,13 @@ class KeyMaker:
             return await task
         return await make_key_and_csr(self.spec)
 
-    def close(self) -> None:
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
+    async def aclose(self) -> None:
+        """Stop a helper still making a key (it is killed and reaped: nothing outlives the agent's loop)."""
+        task, self._next = self._next, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KeygenError, ValueError):
+                await task
 
 
 def main(request: str | None = None) -> int:

@@ -195,7 +195,7 @@ class SecretManager:
                 await self._wait((self._rotate_at - now).total_seconds(), watch_inputs=False)
         finally:
             self._listeners.clear()
-            self._keys.close()
+            await asyncio.shield(self._keys.aclose())
 
     async def _wait(self, seconds: float, *, watch_inputs: bool) -> None:
         """Sleep up to ``seconds``; wake early on ``request_rotation`` or, after a failure, on changed inputs."""
