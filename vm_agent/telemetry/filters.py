@@ -2,11 +2,12 @@
 
 Division of work (docs/interop.md, "Peer metadata and Istio's metrics on stock Envoy"):
 
-* Exchange: ``header_mutation`` adds this workload's ``x-envoy-peer-metadata(-id)`` to requests bound for mesh
-  clusters and echoes them on responses to requests that carried them; ``header_to_metadata`` moves a peer's
-  headers into dynamic metadata and removes them, so the application never sees them. Both are C++ filters with
-  one CEL condition each, evaluated once per request.
-* ALPN hint: ``set_filter_state`` sets ``envoy.network.application_protocols`` on the upstream connection.
+* Exchange: upstream ``header_mutation`` filters on the mesh clusters (chosen once per CDS update) add this
+  workload's ``x-envoy-peer-metadata(-id)`` to every request to them; on inbound mutual-TLS chains a
+  ``header_mutation`` answers with ours; ``header_to_metadata`` moves a peer's headers into dynamic metadata and
+  removes them, so the application never sees them. No expression is evaluated per request.
+* ALPN hint: ``set_filter_state`` sets a constant ``envoy.network.application_protocols`` on the upstream
+  connection, turned off per route where istiod says the cluster wants its own ALPN (``telemetry.alpn``).
 * Metrics: the stats access logger counts every request (HTTP) or connection (TCP) into one raw series per
   distinct combination of the facts Istio's labels are computed from (peer header, certificates, endpoint and
   cluster metadata, response). The agent turns those raw series into Istio's metric names and labels when it
@@ -33,6 +34,8 @@ TYPE = {
     "header_mutation": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
     "header_to_metadata": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
     "set_filter_state": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+    "upstream_codec": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+    "http_protocol_options": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "typed_struct": "type.googleapis.com/xds.type.v3.TypedStruct",
     "stats_logger": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config",
 }
@@ -51,27 +54,10 @@ TCP_METRICS = (
     "istio_tcp_received_bytes_total",
 )
 
-_MD = "xds.cluster_metadata.filter_metadata"
-_NOT_MESH = (
-    "xds.cluster_name in ['PassthroughCluster', 'BlackHoleCluster', 'InboundPassthroughCluster']"
-    f" || ('istio' in {_MD} && (('external' in {_MD}.istio && {_MD}.istio.external == true)"
-    f" || ('disable_mx' in {_MD}.istio && {_MD}.istio.disable_mx == true)))"
-)
-"""Clusters Istio never sends its headers to (external services, passthrough) when it skips external clusters."""
-_NO_ALPN_HINT = (
-    f"{_NOT_MESH} || ('istio' in {_MD} && 'alpn_override' in {_MD}.istio && {_MD}.istio.alpn_override == 'false')"
-)
 
-
-def _literal(value: str) -> str:
-    if "'" in value or "\\" in value or "%" in value:
-        raise ValueError(f"cannot embed {value!r} in a CEL string literal")
-    return f"'{value}'"
-
-
-def _header(name: str, format_string: str) -> dict[str, Any]:
-    # An empty formatted value adds no header: a false condition (or a CEL error) sends nothing.
-    return {"append": {"header": {"key": name, "value": format_string}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+def _header(name: str, value: str) -> dict[str, Any]:
+    # Base64 and node ids hold no '%': the value is taken as it is, no formatter runs per request.
+    return {"append": {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
 
 
 def _capture(namespace: str) -> list[dict[str, Any]]:
@@ -85,58 +71,68 @@ def _capture(namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def outbound_exchange(node_id: str, value: str) -> list[dict[str, Any]]:
-    """Requests to mesh clusters carry our metadata; the peer's answer is read into metadata and removed."""
-    inject = {
-        "name": "istio.metadata_exchange.propagation",
-        "typed_config": {
-            "@type": TYPE["header_mutation"],
-            "mutations": {
-                "request_mutations": [
-                    _header(HEADER_ID, f"%CEL({_NOT_MESH} ? '' : {_literal(node_id)})%"),
-                    _header(HEADER, f"%CEL({_NOT_MESH} ? '' : {_literal(value)})%"),
-                ]
-            },
-        },
-    }
-    discover = {
-        "name": "istio.metadata_exchange.discovery",
-        "typed_config": {"@type": TYPE["header_to_metadata"], "response_rules": _capture(PEER_UPSTREAM)},
-    }
-    return [inject, discover]
+def outbound_exchange() -> list[dict[str, Any]]:
+    """On the HCM: the peer's answer to our headers is read into metadata and removed (our headers themselves go
+    out from the mesh clusters, :func:`upstream_exchange`)."""
+    return [
+        {
+            "name": "istio.metadata_exchange.discovery",
+            "typed_config": {"@type": TYPE["header_to_metadata"], "response_rules": _capture(PEER_UPSTREAM)},
+        }
+    ]
 
 
-def inbound_exchange(node_id: str, value: str) -> list[dict[str, Any]]:
-    """A peer's headers are read into metadata and removed; ours answer only the headers that came in."""
-    md = f"metadata.filter_metadata['{PEER_DOWNSTREAM}']"
-    discover = {
-        "name": "istio.metadata_exchange.discovery",
-        "typed_config": {"@type": TYPE["header_to_metadata"], "request_rules": _capture(PEER_DOWNSTREAM)},
-    }
-    echo = {
-        "name": "istio.metadata_exchange.propagation",
-        "typed_config": {
-            "@type": TYPE["header_mutation"],
-            "mutations": {
-                "response_mutations": [
-                    _header(HEADER_ID, f"%CEL('id' in {md} ? {_literal(node_id)} : '')%"),
-                    _header(HEADER, f"%CEL('metadata' in {md} ? {_literal(value)} : '')%"),
-                ]
+def upstream_exchange(node_id: str, value: str) -> list[dict[str, Any]]:
+    """Upstream HTTP filters of a mesh cluster: every request to it carries our metadata. Attached only to the
+    clusters istio-proxy sends the headers to (decided once per CDS update, not per request)."""
+    return [
+        {
+            "name": "istio.metadata_exchange.propagation",
+            "typed_config": {
+                "@type": TYPE["header_mutation"],
+                "mutations": {"request_mutations": [_header(HEADER_ID, node_id), _header(HEADER, value)]},
             },
         },
-    }
-    return [discover, echo]
+        {"name": "envoy.filters.http.upstream_codec", "typed_config": {"@type": TYPE["upstream_codec"]}},
+    ]
+
+
+def inbound_exchange(node_id: str, value: str, *, mtls: bool) -> list[dict[str, Any]]:
+    """A peer's headers are read into metadata and removed; on mutual-TLS chains (mesh callers) our answer goes
+    back on every response. istio-proxy answers only requests that carried the headers: deciding that per request
+    cost a CEL evaluation, and a mesh caller without the exchange just ignores two headers."""
+    out: list[dict[str, Any]] = [
+        {
+            "name": "istio.metadata_exchange.discovery",
+            "typed_config": {"@type": TYPE["header_to_metadata"], "request_rules": _capture(PEER_DOWNSTREAM)},
+        }
+    ]
+    if mtls:
+        out.append(
+            {
+                "name": "istio.metadata_exchange.propagation",
+                "typed_config": {
+                    "@type": TYPE["header_mutation"],
+                    "mutations": {"response_mutations": [_header(HEADER_ID, node_id), _header(HEADER, value)]},
+                },
+            }
+        )
+    return out
+
+
+ALPN_HINT = "istio-http/1.1,istio"
 
 
 def alpn_hint() -> dict[str, Any]:
-    """istio.alpn's hint on the upstream TLS handshake: ``istio-http/1.0``, ``istio-http/1.1`` or ``istio-h2``.
+    """istio.alpn's hint on the upstream TLS handshake, so a pod's inbound listener picks its HTTP chain on ports
+    with protocol sniffing.
 
-    The hint follows the downstream protocol, which is the upstream one exactly where the hint matters (ports
-    with protocol sniffing, whose clusters use the downstream protocol). istio-proxy also appends the codec's
-    own ALPN; that is left out here so that a cluster with a fixed, different codec still works: the peer
-    then negotiates no ALPN and detects the codec from the first bytes.
+    istio-proxy chooses ``istio-http/1.0``, ``istio-http/1.1`` or ``istio-h2`` by the request's protocol; the
+    peer's HTTP chain accepts all three alike and its codec detects HTTP/1 or HTTP/2 from the first bytes, so one
+    constant does the same job without a per-request expression. Routes to clusters with the user's own TLS
+    (``istio.alpn_override: "false"``) get the filter turned off (``vm_agent.telemetry.alpn``). istio-proxy also
+    appends the codec's own ALPN; that is left out so a cluster with a fixed, different codec still works.
     """
-    by_protocol = "{'HTTP/1.0': 'istio-http/1.0,istio', 'HTTP/1.1': 'istio-http/1.1,istio', 'HTTP/2': 'istio-h2,istio'}"
     return {
         "name": "istio.alpn",
         "typed_config": {
@@ -144,13 +140,8 @@ def alpn_hint() -> dict[str, Any]:
             "on_request_headers": [
                 {
                     "object_key": "envoy.network.application_protocols",
-                    "format_string": {
-                        "text_format_source": {
-                            "inline_string": f"%CEL({_NO_ALPN_HINT} ? '' : {by_protocol}[request.protocol])%"
-                        }
-                    },
+                    "format_string": {"text_format_source": {"inline_string": ALPN_HINT}},
                     "shared_with_upstream": "ONCE",
-                    "skip_if_empty": True,
                 }
             ],
         },

@@ -36,9 +36,11 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2  # noqa: F401
 from envoy.extensions.filters.http.set_filter_state.v3 import set_filter_state_pb2  # noqa: F401
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format, struct_pb2
 from udpa.type.v1 import typed_struct_pb2 as udpa_typed_struct_pb2
@@ -55,6 +57,7 @@ from vm_agent.telemetry.markers import (
     MARKERS,
     PEER_EXCHANGE_ALPN,
     STATS,
+    TCP_EXCHANGE,
     mentions_istio_proxy,
 )
 from vm_agent.telemetry.peer import NodeExchange
@@ -81,6 +84,20 @@ def _typed_struct(any_: any_pb2.Any) -> tuple[str, struct_pb2.Struct | None]:
 def config_type(any_: any_pb2.Any) -> str:
     """A filter's real config type: istiod wraps out-of-tree extensions in a TypedStruct."""
     return _typed_struct(any_)[0]
+
+
+_NOT_MESH_CLUSTERS = frozenset({"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"})
+
+
+def _in_mesh(c: cluster_pb2.Cluster) -> bool:
+    """Whether istio-proxy would send the exchange headers to this cluster: not passthrough, not marked external
+    or exchange-less by istiod (the same test istio-proxy makes per request, made once per cluster here)."""
+    if c.name in _NOT_MESH_CLUSTERS:
+        return False
+    istio = c.metadata.filter_metadata.get("istio")
+    if istio is None:
+        return True
+    return not any(k in istio.fields and istio.fields[k].bool_value for k in ("external", "disable_mx"))
 
 
 def _http_filters(dicts: Sequence[dict[str, Any]]) -> list[hcm_pb2.HttpFilter]:
@@ -111,7 +128,7 @@ class _Rewriter:
             alpn.extend(kept)
             ts.typed_config.Pack(ctx)
 
-    def http_filters(self, hcm: hcm_pb2.HttpConnectionManager, reporter: str) -> bool:
+    def http_filters(self, hcm: hcm_pb2.HttpConnectionManager, reporter: str, *, mtls: bool) -> bool:
         out: list[hcm_pb2.HttpFilter] = []
         changed = False
         for h in hcm.http_filters:
@@ -125,9 +142,10 @@ class _Rewriter:
                 continue
             if kind == HTTP_EXCHANGE:
                 keys = set(value.fields) if value is not None else set()
-                inbound = any(k.startswith("downstream_") for k in keys)
-                make = filters.inbound_exchange if inbound else filters.outbound_exchange
-                out += _http_filters(make(self.node.node_id, self.node.header_value))
+                if any(k.startswith("downstream_") for k in keys):
+                    out += _http_filters(filters.inbound_exchange(self.node.node_id, self.node.header_value, mtls=mtls))
+                else:
+                    out += _http_filters(filters.outbound_exchange())
             elif kind == ALPN:
                 out += _http_filters([filters.alpn_hint()])
             elif kind == STATS:
@@ -138,6 +156,8 @@ class _Rewriter:
         return changed
 
     def chain(self, fc: listener_components_pb2.FilterChain, reporter: str) -> None:
+        # istiod's inbound chains for mesh callers terminate mutual TLS; plaintext chains serve anyone.
+        mtls = fc.transport_socket.typed_config.type_url.endswith(tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name)
         if fc.HasField("transport_socket"):
             self.transport_socket(fc.transport_socket)
         kept: list[listener_components_pb2.Filter] = []
@@ -152,7 +172,7 @@ class _Rewriter:
             if kind == _HCM:
                 hcm = hcm_pb2.HttpConnectionManager()
                 f.typed_config.Unpack(hcm)
-                if self.http_filters(hcm, reporter):
+                if self.http_filters(hcm, reporter, mtls=mtls):
                     f.typed_config.Pack(hcm)
             elif kind == _TCP_PROXY and stats and self.node is not None:
                 tcp = tcp_proxy_pb2.TcpProxy()
@@ -178,15 +198,33 @@ class _Rewriter:
         for match in c.transport_socket_matches:
             self.transport_socket(match.transport_socket)
         kept = []
+        exchange = False
         for f in c.filters:
             kind = config_type(f.typed_config)
             if kind in ISTIO_PROXY_ONLY:
                 self.counts[kind] += 1
+                exchange = exchange or kind == TCP_EXCHANGE
             else:
                 kept.append(f)
         if len(kept) != len(c.filters):
             del c.filters[:]
             c.filters.extend(kept)
+        if exchange and self.node is not None and _in_mesh(c):
+            self._propagate(c, self.node)
+
+    def _propagate(self, c: cluster_pb2.Cluster, node: NodeExchange) -> None:
+        """Our exchange headers on every request to this cluster, as its upstream HTTP filters (a cluster that only
+        carries TCP never runs them)."""
+        key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        opts = http_protocol_options_pb2.HttpProtocolOptions()
+        if key in c.typed_extension_protocol_options:
+            c.typed_extension_protocol_options[key].Unpack(opts)
+        else:
+            opts.explicit_http_config.http_protocol_options.SetInParent()  # Envoy's default codec, spelled out
+        if opts.http_filters:
+            return  # someone else's upstream filters: leave them as they are
+        opts.http_filters.extend(_http_filters(filters.upstream_exchange(node.node_id, node.header_value)))
+        c.typed_extension_protocol_options[key].Pack(opts)
 
     def resource(self, any_: any_pb2.Any) -> None:
         if not any(m in any_.value for m in MARKERS):

@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 
 from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY, Counter
+from vm_agent.telemetry.alpn import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, AlpnExceptions
 from vm_agent.telemetry.markers import mentions_istio_proxy
 from vm_agent.telemetry.peer import NodeExchange
 
@@ -35,6 +36,7 @@ class StockEnvoyAdapter:
         self._stock = stock
         self._task: asyncio.Task[bool] | None = None
         self._seen: set[str] = set()
+        self._no_alpn = AlpnExceptions()
 
     def start(self) -> None:
         if self._task is None and not isinstance(self._stock, bool):
@@ -48,6 +50,8 @@ class StockEnvoyAdapter:
         return await asyncio.shield(self._task)
 
     async def __call__(self, message: bytes, type_url: str, delta: bool) -> bytes:
+        if type_url in (CLUSTER_TYPE_URL, ROUTE_TYPE_URL):
+            message = self._alpn_exceptions(message, type_url, delta)
         if not mentions_istio_proxy(message, type_url) or not await self.is_stock():
             return message
         from vm_agent.telemetry.rewrite import for_stock_envoy  # Envoy's protos load on the first such response
@@ -66,6 +70,17 @@ class StockEnvoyAdapter:
                 ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())),
             )
         return out
+
+    def _alpn_exceptions(self, message: bytes, type_url: str, delta: bool) -> bytes:
+        """Learn from CDS which clusters get no ALPN hint; turn the hint off on the routes to them in RDS."""
+        try:
+            if type_url == CLUSTER_TYPE_URL:
+                self._no_alpn.learn(message, delta=delta)
+                return message
+            return self._no_alpn.apply(message, delta=delta)
+        except DecodeError as exc:
+            log.warning("cannot inspect %s response for the ALPN hint, forwarding it as is: %s", type_url, exc)
+            return message
 
     def snapshot(self) -> dict[str, Any]:
         done = self._task is not None and self._task.done() and not self._task.cancelled()
