@@ -195,6 +195,11 @@ class AgentProcess:
         except OSError:
             return ""
 
+    def log_excerpt(self, size: int = 6000) -> str:
+        """The log's tail for a failure message, without the readiness lines that crowd out Envoy's own words."""
+        lines = [line for line in self.log().splitlines() if "\tstatus\treadiness: " not in line]
+        return "\n".join(lines)[-size:]
+
     def get(self, url: str, timeout: float = 3.0) -> tuple[int, bytes]:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -223,11 +228,11 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"agent exited ({self.proc.returncode}) waiting for {what}:\n{self.log()[-4000:]}")
+                raise AssertionError(f"agent exited ({self.proc.returncode}) waiting for {what}:\n{self.log_excerpt()}")
             if await asyncio.to_thread(check):
                 return
             await asyncio.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{self.log()[-4000:]}")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{self.log_excerpt()}")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

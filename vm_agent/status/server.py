@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from vm_agent.logs import get_logger
 from vm_agent.metrics import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 
 log = get_logger("status")
+
+_COUNTDOWN = re.compile(r"\d+(?:\.\d+)?s\b")
 
 SCRAPE_ERRORS = Counter(
     "vm_agent_status_scrape_errors", "Failed scrapes of Envoy's stats for /stats/prometheus", registry=REGISTRY
@@ -83,6 +86,7 @@ class StatusServer:
         self._on_drain = on_drain
         self._shutting_down = False
         self._last_reason: str | None = "not checked yet"
+        self._logged_reason: str | None = "not checked yet"
         self._background: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
         self.port: int | None = None
@@ -131,9 +135,13 @@ class StatusServer:
 
     async def _ready(self, _: Request) -> Response:
         reason = await self.readiness()
-        if reason != self._last_reason:
+        # A probe every second must not log every second: a reason logs when it changes, not when only its
+        # countdown ("restarting in 7.1s") does.
+        key = None if reason is None else _COUNTDOWN.sub("", reason)
+        if key != self._logged_reason:
             log.info("readiness: %s", "ready" if reason is None else f"not ready: {reason}")
-            self._last_reason = reason
+            self._logged_reason = key
+        self._last_reason = reason
         if reason is None:
             return Response()
         READINESS_FAILURES.inc()
