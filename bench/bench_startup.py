@@ -47,7 +47,8 @@ NAMES = int(os.environ.get("BENCH_NAMETABLE_ENTRIES", "10000"))
 MILESTONES = (
     ("starting", "Python up, configuration read"),
     ("started Envoy", "Envoy spawned"),
-    ("asking the CA", "every service built (imports done)"),
+    ("asking the CA", "CSR on its way (identity is built first)"),
+    ("xDS proxy listening", "every service built (imports done)"),
     ("opened delta stream", "Envoy's first xDS stream"),
     ("connected for secrets", "Envoy asks for its certificate"),
     ("using ca certificate", "certificate issued"),

@@ -249,18 +249,27 @@ class Agent:
         self._stop_event = asyncio.Event()
 
     def _build(self, sds_socket: socket.socket, xds_socket: socket.socket) -> None:
-        """Every service but Envoy, on the two sockets Envoy was started against (their modules load here:
-        ~0.1 s of imports while Envoy boots)."""
+        """Every service but Envoy, on the two sockets Envoy was started against."""
+        self._build_identity(sds_socket)
+        self._build_services(xds_socket)
+
+    def _build_identity(self, sds_socket: socket.socket) -> None:
+        """The certificate's services first: ``run()`` starts the CSR before the rest of the agent loads."""
         from vm_agent.identity.manager import SecretManager
         from vm_agent.identity.sds import SdsServer
+
+        ident = identity_settings(self.config)
+        self.secrets = SecretManager(ident, keys=self.keys)
+        self.sds = SdsServer(ident, self.secrets, sock=sds_socket)
+
+    def _build_services(self, xds_socket: socket.socket) -> None:
+        """The xDS proxy, DNS, capture, health and status (their modules load here while Envoy boots and istiod
+        signs the certificate)."""
         from vm_agent.status import StatusServer, StatusSettings
         from vm_agent.telemetry import IstioMetrics, LocalWorkload
         from vm_agent.xds import Proxy, ReportPolicy, XdsSettings
 
         config = self.config
-        ident = identity_settings(config)
-        self.secrets = SecretManager(ident, keys=self.keys)
-        self.sds = SdsServer(ident, self.secrets, sock=sds_socket)
         self.dns = None
         if config.dns.enabled:
             from vm_agent.dns import DnsServer
@@ -328,7 +337,9 @@ class Agent:
             ndsz=self.dns.ndsz if self.dns is not None else None,
             on_quit=self._quit,
             on_drain=self._drain_only,
-            envoy_metrics=IstioMetrics(LocalWorkload.from_metadata(config.node.metadata)).render,
+            envoy_metrics=IstioMetrics(
+                LocalWorkload.from_metadata(config.node.metadata), services=self.telemetry.cluster_services
+            ).render,
         )
 
     # --- readiness pieces the status server combines ---
@@ -415,10 +426,14 @@ class Agent:
                 await self.envoy.first_start.wait()
                 if not (paths.state_dir / CHAIN_FILE).exists():
                     await self.keys.prefetch()  # the helper makes the first key on another core meanwhile
-                self._build(sds_socket, xds_socket)
-                self.telemetry.start()  # probes a custom Envoy binary while the rest starts
-                tg.create_task(self.secrets.run(), name="identity")  # the CSR is on the way to ready
+                # The CSR is the longest step on the way to ready and most of it happens at istiod: it leaves
+                # first, and the loop gets a turn between the loads of the other services to carry it on.
+                self._build_identity(sds_socket)
+                tg.create_task(self.secrets.run(), name="identity")
                 tg.create_task(self.sds.run(), name="sds")
+                await _let_others_run()
+                self._build_services(xds_socket)
+                self.telemetry.start()  # probes a custom Envoy binary while the rest starts
                 tg.create_task(self.xds.run(), name="xds")
                 tg.create_task(self.status.run(), name="status")
                 if self.capture is not None:
@@ -439,6 +454,12 @@ class Agent:
                 sock.close()  # no-op once a server took it over and closed it
         notify("STOPPING=1")
         log.info("stopped")
+
+
+async def _let_others_run() -> None:
+    """A few loop turns: enough for the CSR to open its connection and send before imports hold the loop."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 def _watch_children_with_pidfds(loop: asyncio.AbstractEventLoop) -> None:
