@@ -144,7 +144,9 @@ def _wrk(url: str, seconds: float, connections: int) -> tuple[float, float]:
 def _istio_series(admin: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
         text = r.read().decode()
-    return sum(1 for line in text.splitlines() if line.startswith("envoy_istiocustom_istio_requests_total"))
+    # istio_requests_total is the duration histogram's count (the agent renders it): the histogram is the proof.
+    prefix = "envoy_istiocustom_istio_request_duration_milliseconds_count"
+    return sum(1 for line in text.splitlines() if line.startswith(prefix))
 
 
 def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:

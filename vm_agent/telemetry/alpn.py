@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vm_agent.telemetry.clusters import decode_clusters
+
 CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE_URL = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ALPN_FILTER = "istio.alpn"
@@ -34,20 +36,18 @@ class AlpnExceptions:
 
     def learn(self, message: bytes, *, delta: bool) -> None:
         """A CDS response: which of its clusters carry the marker."""
-        if _MARKER not in message and not self.clusters:
-            return
-        from envoy.config.cluster.v3 import cluster_pb2
-        from envoy.service.discovery.v3 import discovery_pb2
+        if self.wants(message):
+            self.learn_clusters(*decode_clusters(message, delta=delta))
 
-        if delta:
-            dresp = discovery_pb2.DeltaDiscoveryResponse.FromString(message)
-            self.clusters.difference_update(dresp.removed_resources)
-            anys = [r.resource for r in dresp.resources if r.HasField("resource")]
-        else:
-            self.clusters.clear()  # state of the world: this response is every cluster
-            anys = list(discovery_pb2.DiscoveryResponse.FromString(message).resources)
-        for any_ in anys:
-            cluster = cluster_pb2.Cluster.FromString(any_.value)
+    def wants(self, message: bytes) -> bool:
+        """Whether this CDS response can change the set (it names the marker, or there is a set to shrink)."""
+        return _MARKER in message or bool(self.clusters)
+
+    def learn_clusters(self, state_of_world: bool, removed: list[str], clusters: list[Any]) -> None:
+        if state_of_world:
+            self.clusters.clear()  # this response is every cluster
+        self.clusters.difference_update(removed)
+        for cluster in clusters:
             if _overrides_off(cluster):
                 self.clusters.add(cluster.name)
             else:

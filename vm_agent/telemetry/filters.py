@@ -24,7 +24,8 @@ from vm_agent.telemetry.peer import HEADER, HEADER_ID
 STAT_SCOPE = "istiocustom"
 """Istio's own stat namespace; Envoy's Prometheus output shows it as ``envoy_istiocustom_*``."""
 RAW_TAG = "raw"
-RAW_VERSION = "1"
+RAW_VERSION = "2"
+"""2: the services slot is empty, the agent fills it from CDS; 1 printed them (still read)."""
 SEPARATOR = "\x1f"
 """Joins the raw facts in one tag value; a control character no header, SAN, name or JSON text carries."""
 PEER_DOWNSTREAM = "io.istio.peer.downstream"
@@ -42,7 +43,7 @@ TYPE = {
 
 HTTP_METRICS = (
     # (Istio's name, kind, value) in istio-proxy's order; histograms use Envoy's (and Istio's) default buckets.
-    ("istio_requests_total", "counter", None),
+    ("istio_requests_total", "counter", None),  # rendered from istio_request_duration_milliseconds_count
     ("istio_request_duration_milliseconds", "Milliseconds", "%DURATION%"),
     ("istio_request_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_RECEIVED%"),
     ("istio_response_bytes", "Bytes", "%DOWNSTREAM_WIRE_BYTES_SENT%"),
@@ -60,14 +61,17 @@ def _header(name: str, value: str) -> dict[str, Any]:
     return {"append": {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
 
 
-def _capture(namespace: str) -> list[dict[str, Any]]:
+def _capture(namespace: str, *, with_id: bool = True) -> list[dict[str, Any]]:
+    """The peer's headers into metadata, removed. The id is captured only to remove it (the labels do not use
+    it); ``with_id=False`` when the route configuration removes it instead."""
+    headers = ((HEADER, "metadata"), (HEADER_ID, "id")) if with_id else ((HEADER, "metadata"),)
     return [
         {
             "header": header,
             "on_header_present": {"metadata_namespace": namespace, "key": key, "type": "STRING"},
             "remove": True,
         }
-        for header, key in ((HEADER, "metadata"), (HEADER_ID, "id"))
+        for header, key in headers
     ]
 
 
@@ -97,14 +101,25 @@ def upstream_exchange(node_id: str, value: str) -> list[dict[str, Any]]:
     ]
 
 
-def inbound_exchange(node_id: str, value: str, *, mtls: bool) -> list[dict[str, Any]]:
+def answer_headers(node_id: str, value: str) -> list[dict[str, Any]]:
+    """Our exchange headers as route-level ``response_headers_to_add`` (the router adds them; no filter runs)."""
+    return [
+        {"header": {"key": name, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for name, v in ((HEADER_ID, node_id), (HEADER, value))
+    ]
+
+
+def inbound_exchange(node_id: str, value: str, *, mtls: bool, capture_id: bool = True) -> list[dict[str, Any]]:
     """A peer's headers are read into metadata and removed; on mutual-TLS chains (mesh callers) our answer goes
     back on every response. istio-proxy answers only requests that carried the headers: deciding that per request
     cost a CEL evaluation, and a mesh caller without the exchange just ignores two headers."""
     out: list[dict[str, Any]] = [
         {
             "name": "istio.metadata_exchange.discovery",
-            "typed_config": {"@type": TYPE["header_to_metadata"], "request_rules": _capture(PEER_DOWNSTREAM)},
+            "typed_config": {
+                "@type": TYPE["header_to_metadata"],
+                "request_rules": _capture(PEER_DOWNSTREAM, with_id=capture_id),
+            },
         }
     ]
     if mtls:
@@ -164,7 +179,9 @@ def _raw(reporter: str, protocol: str) -> str:
         "" if inbound else "%UPSTREAM_METADATA(istio:workload)%",
         "%UPSTREAM_CLUSTER_RAW%",
         "%ROUTE_NAME%" if http else "",
-        "%CLUSTER_METADATA(istio:services)%",
+        # The cluster's services: looked up by cluster name at scrape time (telemetry/clusters.py), not printed
+        # as JSON by every stat of every request. The slot stays so raw version 1 tags still parse.
+        "",
         # istiod turns the Host fallback off on inbound listeners (disable_host_header_fallback).
         "%REQ(:AUTHORITY)%" if http and not inbound else "",
         # The content type decides gRPC (agent side): a plain formatter costs less per stat than a CEL test.
@@ -196,16 +213,16 @@ def _stats_logger(name: str, config: dict[str, Any], log_types: list[str] | None
 
 
 def http_stats(reporter: str) -> dict[str, Any]:
-    """HCM access log: istio_requests_total and the three request histograms."""
+    """HCM access log: the three request histograms (istio_requests_total is derived from the first)."""
     raw = _raw(reporter, "http")
-    counters: list[dict[str, Any]] = []
-    histograms: list[dict[str, Any]] = []
-    for name, kind, value in HTTP_METRICS:
-        if value is None:
-            counters.append({"stat": _stat(name, raw), "value_fixed": 1})
-        else:
-            histograms.append({"stat": _stat(name, raw), "unit": kind, "value_format": value})
-    return _stats_logger("istio.stats", {"counters": counters, "histograms": histograms})
+    # Envoy formats every stat's tag anew per request: istio_requests_total is not a stat of its own but the
+    # duration histogram's count, which the agent renders as the counter (one tag format per request saved).
+    histograms = [
+        {"stat": _stat(name, raw), "unit": kind, "value_format": value}
+        for name, kind, value in HTTP_METRICS
+        if value is not None
+    ]
+    return _stats_logger("istio.stats", {"histograms": histograms})
 
 
 def tcp_stats(reporter: str) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -67,7 +67,9 @@ _PASSTHROUGH_CLUSTERS = frozenset(
 )
 _KINDS = {name: ("counter" if value is None else "histogram") for name, _, value in HTTP_METRICS}
 _KINDS.update({name: "counter" for name in TCP_METRICS})
+_REQUESTS, _DURATION = HTTP_METRICS[0][0], HTTP_METRICS[1][0]
 _PREFIX = f"envoy_{STAT_SCOPE}_"
+_RAW_VERSIONS = ("1", RAW_VERSION)
 _LINE = re.compile(r"^envoy_" + STAT_SCOPE + r'_(istio_\w+)\{raw="((?:[^"\\]|\\.)*)"(?:,le="([^"]*)")?\} (\S+)$')
 _UNESCAPE = re.compile(r"\\(.)")
 
@@ -128,7 +130,7 @@ class Raw:
     @classmethod
     def parse(cls, value: str) -> Raw | None:
         parts = value.split(SEPARATOR)
-        if len(parts) != 15 or parts[0] != RAW_VERSION:
+        if len(parts) != 15 or parts[0] not in _RAW_VERSIONS:
             return None
         return cls(*parts[1:])
 
@@ -246,19 +248,28 @@ def _fmt(value: float) -> str:
 class IstioMetrics:
     """Rewrites Envoy's Prometheus text: raw ``istiocustom`` series out, Istio's metrics in."""
 
-    def __init__(self, local: LocalWorkload) -> None:
+    def __init__(self, local: LocalWorkload, services: Callable[[str], str] | None = None) -> None:
+        """``services``: cluster name → its services as JSON (``ClusterServices``), for raw tags that name only
+        the cluster."""
         self.local = local
-        self._labels = lru_cache(maxsize=4096)(self._labels_uncached)
+        self._services = services
+        self._labels_of = lru_cache(maxsize=4096)(self._labels_uncached)
 
-    def _labels_uncached(self, raw_value: str) -> tuple[tuple[str, str], ...] | None:
+    def _labels(self, raw_value: str) -> tuple[tuple[str, str], ...] | None:
         raw = Raw.parse(raw_value)
         if raw is None:
             return None
+        if not raw.services and raw.cluster and self._services is not None:
+            raw = replace(raw, services=self._services(raw.cluster))
+        return self._labels_of(raw)
+
+    def _labels_uncached(self, raw: Raw) -> tuple[tuple[str, str], ...]:
         return tuple(istio_labels(raw, self.local).items())
 
     def render(self, envoy_text: str) -> str:
         counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         buckets: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, float]] = {}
+        requests: dict[tuple[tuple[str, str], ...], float] = {}
         kept: list[str] = []
         seen = False
         for line in envoy_text.splitlines():
@@ -283,8 +294,15 @@ class IstioMetrics:
                 slot = buckets.setdefault(key, {})
                 name = f"le={le}" if part == "_bucket" else part
                 slot[name] = slot.get(name, 0.0) + _number(value)
+                if metric == _DURATION and part == "_count":
+                    requests[labels] = requests.get(labels, 0.0) + _number(value)
         if not seen:
             return envoy_text
+        # Every request lands in the duration histogram once, so its count is istio_requests_total. An Envoy
+        # still configured with the counter itself (by an older agent) keeps its own figure.
+        if not any(m == _REQUESTS for m, _ in counters):
+            for labels, count in requests.items():
+                counters[(_REQUESTS, labels)] = count
         out = "\n".join(kept).rstrip("\n")
         block = "\n".join(self._lines(counters, buckets))
         return f"{out}\n{block}\n" if out else f"{block}\n"

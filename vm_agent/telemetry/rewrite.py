@@ -60,7 +60,7 @@ from vm_agent.telemetry.markers import (
     TCP_EXCHANGE,
     mentions_istio_proxy,
 )
-from vm_agent.telemetry.peer import NodeExchange
+from vm_agent.telemetry.peer import HEADER_ID, NodeExchange
 
 _TLS_CONTEXTS = {
     f"type.googleapis.com/{cls.DESCRIPTOR.full_name}": cls
@@ -128,7 +128,9 @@ class _Rewriter:
             alpn.extend(kept)
             ts.typed_config.Pack(ctx)
 
-    def http_filters(self, hcm: hcm_pb2.HttpConnectionManager, reporter: str, *, mtls: bool) -> bool:
+    def http_filters(
+        self, hcm: hcm_pb2.HttpConnectionManager, reporter: str, *, mtls: bool, alpn_hint: bool = True
+    ) -> bool:
         out: list[hcm_pb2.HttpFilter] = []
         changed = False
         for h in hcm.http_filters:
@@ -143,10 +145,25 @@ class _Rewriter:
             if kind == HTTP_EXCHANGE:
                 keys = set(value.fields) if value is not None else set()
                 if any(k.startswith("downstream_") for k in keys):
-                    out += _http_filters(filters.inbound_exchange(self.node.node_id, self.node.header_value, mtls=mtls))
+                    # Where istiod inlines the route configuration (inbound chains), the router does what it can
+                    # for less than a filter rule costs per request: it adds our answer for mesh callers and
+                    # removes the caller's id header (the labels read only its metadata header).
+                    inline = hcm.HasField("route_config")
+                    if inline:
+                        if mtls:
+                            hcm.route_config.response_headers_to_add.extend(
+                                json_format.ParseDict(h, base_pb2.HeaderValueOption())
+                                for h in filters.answer_headers(self.node.node_id, self.node.header_value)
+                            )
+                        hcm.route_config.request_headers_to_remove.append(HEADER_ID)
+                    out += _http_filters(
+                        filters.inbound_exchange(
+                            self.node.node_id, self.node.header_value, mtls=mtls and not inline, capture_id=not inline
+                        )
+                    )
                 else:
                     out += _http_filters(filters.outbound_exchange())
-            elif kind == ALPN:
+            elif kind == ALPN and alpn_hint:
                 out += _http_filters([filters.alpn_hint()])
             elif kind == STATS:
                 hcm.access_log.extend(_access_logs([filters.http_stats(reporter)]))
@@ -155,7 +172,7 @@ class _Rewriter:
             hcm.http_filters.extend(out)
         return changed
 
-    def chain(self, fc: listener_components_pb2.FilterChain, reporter: str) -> None:
+    def chain(self, fc: listener_components_pb2.FilterChain, reporter: str, *, alpn_hint: bool = True) -> None:
         # istiod's inbound chains for mesh callers terminate mutual TLS; plaintext chains serve anyone.
         mtls = fc.transport_socket.typed_config.type_url.endswith(tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name)
         if fc.HasField("transport_socket"):
@@ -172,7 +189,7 @@ class _Rewriter:
             if kind == _HCM:
                 hcm = hcm_pb2.HttpConnectionManager()
                 f.typed_config.Unpack(hcm)
-                if self.http_filters(hcm, reporter, mtls=mtls):
+                if self.http_filters(hcm, reporter, mtls=mtls, alpn_hint=alpn_hint):
                     f.typed_config.Pack(hcm)
             elif kind == _TCP_PROXY and stats and self.node is not None:
                 tcp = tcp_proxy_pb2.TcpProxy()
@@ -187,10 +204,16 @@ class _Rewriter:
     def listener(self, lis: listener_pb2.Listener) -> None:
         # istio-proxy's stats filter takes its reporter from the listener's direction.
         reporter = "destination" if lis.traffic_direction == base_pb2.INBOUND else "source"
+        outbound = lis.traffic_direction == base_pb2.OUTBOUND
         for fc in lis.filter_chains:
-            self.chain(fc, reporter)
+            # The hint only steers a peer whose port sniffs the protocol, and a port sniffs on both ends: istiod
+            # gives a sniffing port's outbound HTTP chain the ALPNs the HTTP inspector finds, a declared HTTP
+            # port's chain none, and the peer's declared HTTP chains accept "istio" as it is. A set_filter_state
+            # per request saved there (gateways, whose routes reach every kind of port, keep it).
+            hint = not outbound or bool(fc.filter_chain_match.application_protocols)
+            self.chain(fc, reporter, alpn_hint=hint)
         if lis.HasField("default_filter_chain"):
-            self.chain(lis.default_filter_chain, reporter)
+            self.chain(lis.default_filter_chain, reporter, alpn_hint=not outbound)
 
     def cluster(self, c: cluster_pb2.Cluster) -> None:
         if c.HasField("transport_socket"):

@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from vm_agent.logs import get_logger
 from vm_agent.metrics import REGISTRY, Counter
 from vm_agent.telemetry.alpn import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, AlpnExceptions
+from vm_agent.telemetry.clusters import SERVICES_MARKER, ClusterServices, decode_clusters
 from vm_agent.telemetry.markers import mentions_istio_proxy
 from vm_agent.telemetry.peer import NodeExchange
 
@@ -37,6 +38,8 @@ class StockEnvoyAdapter:
         self._task: asyncio.Task[bool] | None = None
         self._seen: set[str] = set()
         self._no_alpn = AlpnExceptions()
+        self.cluster_services = ClusterServices()
+        """Each cluster's services, for ``IstioMetrics`` (the raw stat tag names the cluster only)."""
 
     def start(self) -> None:
         if self._task is None and not isinstance(self._stock, bool):
@@ -72,10 +75,14 @@ class StockEnvoyAdapter:
         return out
 
     def _alpn_exceptions(self, message: bytes, type_url: str, delta: bool) -> bytes:
-        """Learn from CDS which clusters get no ALPN hint; turn the hint off on the routes to them in RDS."""
+        """Learn from CDS which clusters get no ALPN hint, and every cluster's services (for the metrics' labels);
+        turn the hint off on the routes to those clusters in RDS. One decode of a CDS response serves both."""
         try:
             if type_url == CLUSTER_TYPE_URL:
-                self._no_alpn.learn(message, delta=delta)
+                if self._no_alpn.wants(message) or SERVICES_MARKER in message:
+                    sotw, removed, clusters = decode_clusters(message, delta=delta)
+                    self._no_alpn.learn_clusters(sotw, removed, clusters)
+                    self.cluster_services.learn(clusters)
                 return message
             return self._no_alpn.apply(message, delta=delta)
         except DecodeError as exc:
@@ -85,4 +92,8 @@ class StockEnvoyAdapter:
     def snapshot(self) -> dict[str, Any]:
         done = self._task is not None and self._task.done() and not self._task.cancelled()
         stock = self._stock if isinstance(self._stock, bool) else (self._task.result() if done and self._task else None)
-        return {"stock_envoy": stock, "rewritten_types": sorted(self._seen)}
+        return {
+            "stock_envoy": stock,
+            "rewritten_types": sorted(self._seen),
+            "clusters_with_services": len(self.cluster_services),
+        }

@@ -40,6 +40,7 @@ class App:
         self.port = port
         self.healthy = True
         self.seen_xfcc: list[str] = []
+        self.seen_header_names: set[str] = set()
         self._runner: web.AppRunner | None = None
 
     async def _ready(self, _: web.Request) -> web.Response:
@@ -47,6 +48,7 @@ class App:
 
     async def _root(self, request: web.Request) -> web.Response:
         self.seen_xfcc.append(request.headers.get("x-forwarded-client-cert", ""))
+        self.seen_header_names.update(name.lower() for name in request.headers)
         return web.Response(text="hello from the VM app")
 
     async def start(self) -> None:

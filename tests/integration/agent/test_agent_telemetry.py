@@ -35,6 +35,14 @@ N = 7
 TCP_CONNECTIONS = 3
 
 
+async def response_header_names(port: int) -> set[str]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as r:
+        assert r.status == 200
+        return {name.lower() for name in r.headers}
+
+
 def manifests(app_port: int, svc_port: int, tcp_port: int, tcp_svc_port: int) -> str:
     return f"""\
 apiVersion: v1
@@ -240,6 +248,11 @@ async def test_istio_metrics_on_both_vms(tmp_path: Path, mesh: Any) -> None:
         assert labels["connection_security_policy"] == "mutual_tls"
         closed = find(metrics(server), "istio_tcp_connections_closed_total", reporter="destination", **tcp_service)
         assert closed[0][1] == TCP_CONNECTIONS
+        # Istio's exchange headers stay between the two Envoys: neither application sees them (after the counts:
+        # this is one more request).
+        exchange = {"x-envoy-peer-metadata", "x-envoy-peer-metadata-id"}
+        assert not exchange & app.seen_header_names, app.seen_header_names
+        assert not exchange & await response_header_names(svc_port)
     finally:
         client.cleanup()
         server.cleanup()

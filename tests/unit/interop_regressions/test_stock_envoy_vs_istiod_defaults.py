@@ -10,16 +10,21 @@ entry point.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import json_format
 
 from vm_agent.envoy_binary import find_envoy_binary
+from vm_agent.telemetry.clusters import ClusterServices, decode_clusters
 from vm_agent.telemetry.markers import ALPN_DROPPED, CLUSTER_TYPE_URL, ISTIO_PROXY_ONLY, LISTENER_TYPE_URL
 from vm_agent.telemetry.peer import NodeExchange
 from vm_agent.telemetry.rewrite import for_stock_envoy, strip_istio_proxy_filters
@@ -137,3 +142,72 @@ def test_delta_response_is_stripped_and_untouched_responses_keep_their_bytes() -
     assert none == {}
     eds = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
     assert strip_istio_proxy_filters(raw, eds, delta=True)[0] is raw
+
+
+def _hcms(lis: listener_pb2.Listener) -> list[tuple[listener_pb2.FilterChain, hcm_pb2.HttpConnectionManager]]:
+    out = []
+    for fc in lis.filter_chains:
+        for f in fc.filters:
+            if f.typed_config.type_url.endswith("HttpConnectionManager"):
+                hcm = hcm_pb2.HttpConnectionManager()
+                f.typed_config.Unpack(hcm)
+                out.append((fc, hcm))
+    return out
+
+
+def _hints(listeners: list[listener_pb2.Listener]) -> list[tuple[bool, bool]]:
+    """(outbound chain that sniffs?, has the hint) for every outbound HCM that istiod gave istio.alpn."""
+    out = []
+    for lis in listeners:
+        for fc, hcm in _hcms(lis):
+            names = [h.name for h in hcm.http_filters]
+            if lis.traffic_direction == base_pb2.OUTBOUND and "istio.alpn" in names:
+                out.append((bool(fc.filter_chain_match.application_protocols), "istio.metadata_exchange" in names))
+    return out
+
+
+def test_alpn_hint_goes_only_where_a_peer_sniffs_the_protocol() -> None:
+    """istiod's outbound HTTP chain of a sniffing port (the ALPNs the HTTP inspector finds) keeps the hint; the same
+    chain as istiod builds it for a declared HTTP port (no ALPNs to match) gets none: the peer's declared HTTP
+    chains accept the plain "istio" ALPN (inbound chain in the same push: istio, istio-peer-exchange, istio-http/*)."""
+    node = NodeExchange("sidecar~127.0.0.2~vm.ns~ns.svc.cluster.local", "x")
+    clusters, listeners = istiod_resources()
+    sniffing = [lis for lis in listeners if any(s for s, _ in _hints([lis]))]
+    assert sniffing, "istiod's push has a sniffing outbound HTTP chain"
+    declared = []
+    for lis in sniffing:
+        copy = listener_pb2.Listener()
+        copy.CopyFrom(lis)
+        for fc in copy.filter_chains:
+            del fc.filter_chain_match.application_protocols[:]
+        declared.append(copy)
+    without_istio_proxy_filters(clusters, sniffing + declared, node)
+
+    def has_hint(lis: listener_pb2.Listener) -> bool:
+        return any(h.name == "istio.alpn" for _, hcm in _hcms(lis) for h in hcm.http_filters)
+
+    assert all(has_hint(lis) for lis in sniffing)
+    assert not any(has_hint(lis) for lis in declared)
+    inbound_alpns = {
+        p for lis in listeners for fc in lis.filter_chains for p in fc.filter_chain_match.application_protocols
+    }
+    assert "istio" in inbound_alpns
+
+
+def test_cluster_services_are_learnt_from_istiods_cds() -> None:
+    """The metrics' destination_service labels come from here (the raw stat tag names the cluster only)."""
+    raw = (DATA / "default-istiod-cds.pb").read_bytes()
+    services = ClusterServices()
+    sotw, removed, clusters = decode_clusters(raw, delta=False)
+    services.learn(clusters)
+    assert sotw and not removed
+    named = [c.name for c in clusters if c.name.startswith("outbound|") and "istio" in c.metadata.filter_metadata]
+    assert named
+    for cluster in clusters:
+        if cluster.name not in named:
+            continue
+        # What Envoy's %CLUSTER_METADATA(istio:services)% printed, read here the protobuf library's way.
+        expected = json_format.MessageToDict(cluster.metadata.filter_metadata["istio"])["services"]
+        assert json.loads(services(cluster.name)) == expected, cluster.name
+        assert expected[0]["host"] == cluster.name.split("|")[3]
+    assert services("outbound|1||nowhere.example") == ""

@@ -118,3 +118,48 @@ def test_grpc_requests_carry_their_status() -> None:
     assert (grpc["request_protocol"], grpc["grpc_response_status"]) == ("grpc", "14")
     web = istio_labels(Raw(**base, content_type="application/grpc-web", grpc_status="14"), LOCAL)
     assert (web["request_protocol"], web["grpc_response_status"]) == ("http", "")
+
+
+def test_requests_total_is_the_duration_histograms_count_when_envoy_has_no_counter() -> None:
+    # What the agent configures today: Envoy keeps the histograms only (one tag format per request less).
+    without_counter = "\n".join(line for line in ENVOY.splitlines() if "istio_requests_total" not in line)
+    lines = IstioMetrics(LOCAL).render(without_counter).splitlines()
+    totals = [line for line in lines if line.startswith("istio_requests_total{")]
+    assert len(totals) == 1 and totals[0].endswith(" 5")  # pod-a 2 + pod-b 3, from the _count lines
+    assert "# TYPE istio_requests_total counter" in lines
+    # An Envoy an older agent configured still counts requests itself: its figures win, none are added.
+    both = IstioMetrics(LOCAL).render(ENVOY).splitlines()
+    assert sorted(line.rsplit(" ", 1)[1] for line in both if line.startswith("istio_requests_total{")) == ["1", "5"]
+
+
+def test_raw_version_2_takes_the_services_from_cds_by_cluster_name() -> None:
+    # Version 2 tags leave the services slot empty; the agent knows them from CDS (ClusterServices).
+    v1 = outbound("pod-a")
+    v2 = v1.replace(
+        '[{\\"host\\":\\"hello.demo.svc.cluster.local\\",\\"name\\":\\"hello\\",\\"namespace\\":\\"demo\\"}]', ""
+    )
+    v2 = "2" + v2[1:]
+    assert v2 != v1 and "hello.demo.svc.cluster.local" not in v2.split(SEPARATOR)[9]
+    text = "\n".join(
+        [
+            "# TYPE envoy_istiocustom_istio_request_duration_milliseconds histogram",
+            f'envoy_istiocustom_istio_request_duration_milliseconds_count{{raw="{v2}"}} 4',
+            f'envoy_istiocustom_istio_request_duration_milliseconds_sum{{raw="{v2}"}} 4',
+        ]
+    )
+    asked: list[str] = []
+
+    def services(cluster: str) -> str:
+        asked.append(cluster)
+        return '[{"host":"hello.demo.svc.cluster.local","name":"hello","namespace":"demo"}]'
+
+    lines = IstioMetrics(LOCAL, services=services).render(text).splitlines()
+    total = next(line for line in lines if line.startswith("istio_requests_total{"))
+    assert 'destination_service="hello.demo.svc.cluster.local"' in total
+    assert 'destination_service_name="hello"' in total and 'destination_service_namespace="demo"' in total
+    assert total.endswith(" 4")
+    assert set(asked) == {"outbound|80||hello.demo.svc.cluster.local"}
+    # A cluster CDS never named: the authority is all there is, as for istio-proxy without cluster metadata.
+    unknown = IstioMetrics(LOCAL, services=lambda _: "").render(text).splitlines()
+    total = next(line for line in unknown if line.startswith("istio_requests_total{"))
+    assert 'destination_service="hello.demo:80"' in total
