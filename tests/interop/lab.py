@@ -337,7 +337,7 @@ class ControlPlane:
 
     def _apply_base(self) -> None:
         self.kubectl("apply", "--server-side", "-f", str(self.bins.crds))
-        self.kubectl("wait", "--for=condition=established", "--timeout=60s", "crd", "--all")
+        self._wait_crds_established(60)
         self.apply(
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}},
             {
@@ -416,6 +416,19 @@ class ControlPlane:
         _wait(proc, lambda: self.http_ok(f"http://127.0.0.1:{self.istiod_http_port}/ready"), 120, "istiod /ready")
 
     # ----- kube access -----
+    def _wait_crds_established(self, timeout: float) -> None:
+        # `kubectl wait` gives up at once on a CRD the apiserver has not yet given a status (".status.conditions
+        # accessor error: <nil>"), which happens right after a server-side apply; that is "not yet", so ask again.
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(1, int(deadline - time.monotonic()))
+            res = self.kubectl("wait", "--for=condition=established", f"--timeout={left}s", "crd", "--all", check=False)
+            if res.returncode == 0:
+                return
+            if "accessor error" not in res.stderr or time.monotonic() >= deadline:
+                raise LabError(f"CRDs not established: {res.stderr.strip()}")
+            time.sleep(0.3)
+
     def kubectl(
         self, *args: str, input_text: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
