@@ -338,7 +338,8 @@ class Agent:
             on_quit=self._quit,
             on_drain=self._drain_only,
             envoy_metrics=IstioMetrics(
-                LocalWorkload.from_metadata(config.node.metadata), services=self.telemetry.cluster_services
+                LocalWorkload.from_metadata(config.node.metadata, principal=config.identity.spiffe_id),
+                services=self.telemetry.cluster_services,
             ).render,
         )
 

@@ -86,9 +86,11 @@ class LocalWorkload:
     version: str = ""
     cluster: str = ""
     istio_version: str = ""
+    principal: str = ""
+    """This proxy's SPIFFE ID: the inbound side's own SAN, which the raw tag leaves out."""
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> LocalWorkload:
+    def from_metadata(cls, metadata: Mapping[str, Any], principal: str = "") -> LocalWorkload:
         labels = metadata.get("LABELS")
         labels = labels if isinstance(labels, Mapping) else {}
 
@@ -105,6 +107,7 @@ class LocalWorkload:
             version=s(labels, "version"),
             cluster=s(metadata, "CLUSTER_ID"),
             istio_version=s(metadata, "ISTIO_VERSION"),
+            principal=principal,
         )
 
 
@@ -168,6 +171,8 @@ def _service(raw: Raw, host_fallback: bool) -> tuple[str, str, str]:
 def istio_labels(raw: Raw, local: LocalWorkload) -> dict[str, str]:
     """The labels istio-proxy's stats filter puts on this raw series' metrics."""
     inbound = raw.reporter == "destination"
+    if inbound and not raw.local_principal and raw.peer_principal:
+        raw = replace(raw, local_principal=local.principal)
     peer = _peer(raw.peer)
     if peer is None and not inbound and raw.endpoint:
         peer = from_endpoint(raw.endpoint)

@@ -163,3 +163,20 @@ def test_raw_version_2_takes_the_services_from_cds_by_cluster_name() -> None:
     unknown = IstioMetrics(LOCAL, services=lambda _: "").render(text).splitlines()
     total = next(line for line in unknown if line.startswith("istio_requests_total{"))
     assert 'destination_service="hello.demo:80"' in total
+
+
+def test_inbound_own_principal_is_the_agents_spiffe_id_when_the_caller_showed_one() -> None:
+    # The inbound raw tag leaves our own SAN out; a caller with a certificate means mutual TLS on a mesh chain.
+    me = "spiffe://cluster.local/ns/demo/sa/client"
+    local = LocalWorkload(**{**LOCAL.__dict__, "principal": me})
+
+    def line(peer_san: str) -> str:
+        tag = raw("destination", "tcp", "", peer_san, "", "") + SEPARATOR * 8
+        text = f'# TYPE envoy_istiocustom_istio_tcp_connections_opened_total counter\nenvoy_istiocustom_istio_tcp_connections_opened_total{{raw="{tag}"}} 1'
+        (out,) = [x for x in IstioMetrics(local).render(text).splitlines() if x.startswith("istio_tcp_")]
+        return out
+
+    mtls = line("spiffe://cluster.local/ns/web/sa/web")
+    assert f'destination_principal="{me}"' in mtls and 'connection_security_policy="mutual_tls"' in mtls
+    plain = line("")
+    assert 'destination_principal="unknown"' in plain and 'connection_security_policy="none"' in plain
