@@ -78,6 +78,17 @@ class Message:
         return self.qname + struct.pack(">HH", self.qtype, self.qclass)
 
 
+def _pointer_target(data: bytes, pos: int, floor: int) -> int:
+    """Where the compression pointer at ``pos`` leads. A pointer must go strictly backwards from the lowest
+    position seen so far (``floor``); that bounds the jumps by the packet length and makes loops impossible."""
+    if pos + 1 >= len(data):
+        raise FormatError(f"compression pointer at offset {pos} is cut off")
+    target = ((data[pos] & 0x3F) << 8) | data[pos + 1]
+    if target >= floor:
+        raise FormatError(f"compression pointer at offset {pos} points forward or loops (to {target})")
+    return target
+
+
 def read_name(data: bytes, offset: int) -> tuple[bytes, int]:
     """Decode the (possibly compressed) name at ``offset``.
 
@@ -86,9 +97,7 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int]:
     out = bytearray()
     end = -1
     pos = offset
-    # A pointer must go strictly backwards from the lowest position seen so far; that bounds the
-    # number of jumps by the packet length and makes loops impossible.
-    floor = offset
+    floor = offset  # see _pointer_target
     size = len(data)
     while True:
         if pos >= size:
@@ -96,15 +105,9 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int]:
         length = data[pos]
         kind = length & 0xC0
         if kind == 0xC0:
-            if pos + 1 >= size:
-                raise FormatError(f"compression pointer at offset {pos} is cut off")
-            target = ((length & 0x3F) << 8) | data[pos + 1]
             if end < 0:
                 end = pos + 2
-            if target >= floor:
-                raise FormatError(f"compression pointer at offset {pos} points forward or loops (to {target})")
-            floor = target
-            pos = target
+            floor = pos = _pointer_target(data, pos, floor)
             continue
         if kind != 0:
             raise FormatError(f"label type 0x{kind:02x} at offset {pos} is not supported (expected length or pointer)")
@@ -174,14 +177,9 @@ def _skip_name(data: bytes, pos: int) -> int:
                 raise FormatError(f"label at offset {pos} is too long or runs past the end of the packet")
             pos += 1 + length
         elif length >= 0xC0:
-            if pos + 1 >= size:
-                raise FormatError(f"compression pointer at offset {pos} is cut off")
-            target = ((length & 0x3F) << 8) | data[pos + 1]
             if end < 0:
                 end = pos + 2
-            if target >= floor:
-                raise FormatError(f"compression pointer at offset {pos} points forward or loops (to {target})")
-            floor = pos = target
+            floor = pos = _pointer_target(data, pos, floor)
         else:
             raise FormatError(f"label type 0x{length & 0xC0:02x} at offset {pos} is not supported")
 

@@ -52,8 +52,18 @@ class StockEnvoyAdapter:
         assert self._task is not None
         return await asyncio.shield(self._task)
 
+    def _stock_known(self) -> bool | None:
+        """The binary's answer once known (None while the probe runs)."""
+        if isinstance(self._stock, bool):
+            return self._stock
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
+
     async def __call__(self, message: bytes, type_url: str, delta: bool) -> bytes:
-        if type_url in (CLUSTER_TYPE_URL, ROUTE_TYPE_URL):
+        # An Envoy with Istio's own filters needs neither the ALPN exceptions nor the services of our metrics.
+        if type_url in (CLUSTER_TYPE_URL, ROUTE_TYPE_URL) and self._stock_known() is not False:
             message = self._alpn_exceptions(message, type_url, delta)
         if not mentions_istio_proxy(message, type_url) or not await self.is_stock():
             return message
@@ -90,10 +100,8 @@ class StockEnvoyAdapter:
             return message
 
     def snapshot(self) -> dict[str, Any]:
-        done = self._task is not None and self._task.done() and not self._task.cancelled()
-        stock = self._stock if isinstance(self._stock, bool) else (self._task.result() if done and self._task else None)
         return {
-            "stock_envoy": stock,
+            "stock_envoy": self._stock_known(),
             "rewritten_types": sorted(self._seen),
             "clusters_with_services": len(self.cluster_services),
         }
