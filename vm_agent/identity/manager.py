@@ -231,13 +231,17 @@ class SecretManager:
 
     async def _try_rotate(self) -> bool:
         s = self._settings
-        self._note_token()
         try:
             try:
                 key_pem, csr_pem = await self._keys.make()
             except (KeygenError, ValueError) as exc:
                 raise CaError("keygen", f"no key and CSR to send: {exc}") from exc
-            chain = await self._ca.create_certificate(csr_pem, s.requested_ttl_seconds)
+            try:
+                chain = await self._ca.create_certificate(csr_pem, s.requested_ttl_seconds)
+            finally:
+                # The token as the CA call read it: noted before the key was made, a token written meanwhile
+                # (the first one, or a kubelet's rotation) got the certificate while the gauge showed the old one.
+                self._note_token()
             try:
                 svid = Svid.from_ca_response(key_pem, chain)
             except ChainError as exc:

@@ -50,10 +50,7 @@ async def test_metrics_follow_certificate_and_token(tmp_path: Path, ca_server: L
         while manager.snapshot()["failures"] < 1:
             await asyncio.sleep(0.02)
         token = make_token(ttl=1800)
-        # Atomically, as a kubelet or istioctl leaves it: the manager watches the file and may read it between
-        # write_text's truncation and its write (then it notes no expiry, and the test CA takes the half token).
-        (tmp_path / "istio-token.new").write_text(token)
-        (tmp_path / "istio-token.new").rename(tmp_path / "istio-token")
+        (tmp_path / "istio-token").write_text(token)
         await asyncio.wait_for(manager.ready.wait(), 10)
     text = generate_latest(REGISTRY).decode()
     svid = manager.svid
