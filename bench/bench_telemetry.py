@@ -31,6 +31,7 @@ from typing import Any
 from tests.integration.mesh_xdsgen.support import MeshCa, bootstrap, free_port, running_envoy, sds_server
 from vm_agent.mesh.model import MeshSnapshot, key, parse_documents
 from vm_agent.mesh.xdsgen import ProxyView, generate
+from vm_agent.telemetry.peer import Workload
 
 RESULTS = Path(__file__).parent / "results" / "telemetry.md"
 TD = "cluster.local"
@@ -106,6 +107,23 @@ def _backend(port: int, admin: int) -> dict[str, Any]:
     }
 
 
+def vm_workload(ip: str, sa: str) -> Workload:
+    """What a VM registered from a WorkloadGroup tells its peers (as many facts as the network lab's VMs send:
+    the exchange header's size is part of the cost)."""
+    name = sa[-1]
+    return Workload(
+        instance=f"{name}-{ip}",
+        namespace="vm-ns",
+        workload=name,
+        cluster="Kubernetes",
+        identity=f"spiffe://{TD}/ns/vm-ns/sa/{sa}",
+        canonical_name=name,
+        canonical_revision="v1",
+        app=name,
+        version="v1",
+    )
+
+
 @contextlib.contextmanager
 def _sidecar(work: Path, snap: MeshSnapshot, ca: MeshCa, ip: str, sa: str, telemetry: bool) -> Iterator[int]:
     work.mkdir(parents=True, exist_ok=True)
@@ -121,7 +139,13 @@ def _sidecar(work: Path, snap: MeshSnapshot, ca: MeshCa, ip: str, sa: str, telem
     sock = work / "sds.sock"
     with sds_server(sock, ca.issue(f"spiffe://{TD}/ns/vm-ns/sa/{sa}"), ca.root_pem):
         boot = bootstrap(
-            res, node_id=proxy.node_id, sds_socket=sock, admin_port=free_port(), inline=True, telemetry=telemetry
+            res,
+            node_id=proxy.node_id,
+            sds_socket=sock,
+            admin_port=free_port(),
+            inline=True,
+            telemetry=telemetry,
+            workload=vm_workload(ip, sa),
         )
         with running_envoy(boot, work) as admin:
             yield admin

@@ -3,16 +3,19 @@
 Division of work (docs/interop.md, "Peer metadata and Istio's metrics on stock Envoy"):
 
 * Exchange: upstream ``header_mutation`` filters on the mesh clusters (chosen once per CDS update) add this
-  workload's ``x-envoy-peer-metadata(-id)`` to every request to them; on inbound mutual-TLS chains a
-  ``header_mutation`` answers with ours; ``header_to_metadata`` moves a peer's headers into dynamic metadata and
-  removes them, so the application never sees them. No expression is evaluated per request.
+  workload's ``x-envoy-peer-metadata(-id)`` to every request to them; inbound, the caller's metadata header is
+  read with the request's other facts (``request_capture``), both headers are removed and mutual-TLS chains
+  answer with ours (in the router where the route configuration is inline); outbound, ``header_to_metadata``
+  moves the answer into dynamic metadata and removes it. The application never sees them. No expression is
+  evaluated per request.
 * ALPN hint: ``set_filter_state`` sets a constant ``envoy.network.application_protocols`` on the upstream
   connection, turned off per route where istiod says the cluster wants its own ALPN (``telemetry.alpn``).
 * Metrics: the stats access logger counts every request (HTTP) or connection (TCP) into one raw series per
   distinct combination of the facts Istio's labels are computed from (peer header, certificates, endpoint and
   cluster metadata, response). The agent turns those raw series into Istio's metric names and labels when it
   serves ``/stats/prometheus`` (``vm_agent.telemetry.metrics``): that keeps per-request work to formatting one
-  tag value per stat, and keeps Istio's label rules in one tested place.
+  tag value per stat (inbound, mostly one string formatted once per request), and keeps Istio's label rules in
+  one tested place.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from vm_agent.telemetry.peer import HEADER, HEADER_ID
 STAT_SCOPE = "istiocustom"
 """Istio's own stat namespace; Envoy's Prometheus output shows it as ``envoy_istiocustom_*``."""
 RAW_TAG = "raw"
-RAW_VERSION = "2"
-"""2: the services slot is empty, the agent fills it from CDS; 1 printed them (still read)."""
+RAW_VERSION = "3"
+"""3: the facts known when the request ends first, the request's own last (``_raw``); 2: the services slot is
+empty, the agent fills it from CDS; 1 printed them (both still read)."""
+REQUEST_FACTS = "istio.stats.request"
+"""Filter state key of the inbound request's facts (:func:`request_capture`)."""
 SEPARATOR = "\x1f"
 """Joins the raw facts in one tag value; a control character no header, SAN, name or JSON text carries."""
-PEER_DOWNSTREAM = "io.istio.peer.downstream"
 PEER_UPSTREAM = "io.istio.peer.upstream"
 
 TYPE = {
@@ -61,18 +66,7 @@ def _header(name: str, value: str) -> dict[str, Any]:
     return {"append": {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
 
 
-def _capture(namespace: str, *, with_id: bool = True) -> list[dict[str, Any]]:
-    """The peer's headers into metadata, removed. The id is captured only to remove it (the labels do not use
-    it); ``with_id=False`` when the route configuration removes it instead."""
-    headers = ((HEADER, "metadata"), (HEADER_ID, "id")) if with_id else ((HEADER, "metadata"),)
-    return [
-        {
-            "header": header,
-            "on_header_present": {"metadata_namespace": namespace, "key": key, "type": "STRING"},
-            "remove": True,
-        }
-        for header, key in headers
-    ]
+PEER_HEADERS = (HEADER_ID, HEADER)
 
 
 def outbound_exchange() -> list[dict[str, Any]]:
@@ -83,7 +77,14 @@ def outbound_exchange() -> list[dict[str, Any]]:
             "name": "istio.metadata_exchange.discovery",
             "typed_config": {
                 "@type": TYPE["header_to_metadata"],
-                "response_rules": _capture(PEER_UPSTREAM, with_id=False),
+                # The id header is not read (the labels use the metadata); the upstream filter removes it.
+                "response_rules": [
+                    {
+                        "header": HEADER,
+                        "on_header_present": {"metadata_namespace": PEER_UPSTREAM, "key": "metadata", "type": "STRING"},
+                        "remove": True,
+                    }
+                ],
             },
         }
     ]
@@ -117,30 +118,21 @@ def answer_headers(node_id: str, value: str) -> list[dict[str, Any]]:
     ]
 
 
-def inbound_exchange(node_id: str, value: str, *, mtls: bool, capture_id: bool = True) -> list[dict[str, Any]]:
-    """A peer's headers are read into metadata and removed; on mutual-TLS chains (mesh callers) our answer goes
-    back on every response. istio-proxy answers only requests that carried the headers: deciding that per request
-    cost a CEL evaluation, and a mesh caller without the exchange just ignores two headers."""
-    out: list[dict[str, Any]] = [
+def inbound_exchange(node_id: str, value: str, *, mtls: bool) -> list[dict[str, Any]]:
+    """For an HCM whose route configuration is not inline: the caller's headers are removed (after
+    :func:`request_capture` has read the metadata one) and, on mutual-TLS chains (mesh callers), our answer goes
+    back on every response. Inline route configurations do both in the router (``answer_headers``,
+    ``PEER_HEADERS``) for less. istio-proxy answers only requests that carried the headers: deciding that per
+    request cost a CEL evaluation, and a mesh caller without the exchange just ignores two headers."""
+    mutations: dict[str, Any] = {"request_mutations": [{"remove": h} for h in PEER_HEADERS]}
+    if mtls:
+        mutations["response_mutations"] = [_header(HEADER_ID, node_id), _header(HEADER, value)]
+    return [
         {
-            "name": "istio.metadata_exchange.discovery",
-            "typed_config": {
-                "@type": TYPE["header_to_metadata"],
-                "request_rules": _capture(PEER_DOWNSTREAM, with_id=capture_id),
-            },
+            "name": "istio.metadata_exchange.propagation",
+            "typed_config": {"@type": TYPE["header_mutation"], "mutations": mutations},
         }
     ]
-    if mtls:
-        out.append(
-            {
-                "name": "istio.metadata_exchange.propagation",
-                "typed_config": {
-                    "@type": TYPE["header_mutation"],
-                    "mutations": {"response_mutations": [_header(HEADER_ID, node_id), _header(HEADER, value)]},
-                },
-            }
-        )
-    return out
 
 
 ALPN_HINT = "istio-http/1.1,istio"
@@ -171,36 +163,81 @@ def alpn_hint() -> dict[str, Any]:
     }
 
 
-def _raw(reporter: str, protocol: str) -> str:
-    """The one tag every metric carries: the facts Istio's labels are computed from, in a fixed order."""
-    inbound = reporter == "destination"
+def _request_facts(inbound: bool, http: bool, exchange: bool) -> list[str]:
+    """The facts known once the request's headers are in: the raw tag's last five fields."""
     side = "DOWNSTREAM" if inbound else "UPSTREAM"
+    if not http:
+        return [f"%{side}_PEER_URI_SAN%", "", "", "", ""]
+    if inbound:
+        # The route and the Host fallback are not used on this side (istiod turns the fallback off on inbound
+        # listeners, disable_host_header_fallback); the caller's header is read only where the exchange is on.
+        peer = f"%REQ({HEADER})%" if exchange else ""
+        return ["%DOWNSTREAM_PEER_URI_SAN%", "", "", "%REQ(CONTENT-TYPE)%", peer]
+    return [
+        "%UPSTREAM_PEER_URI_SAN%",
+        "%ROUTE_NAME%",
+        "%REQ(:AUTHORITY)%",
+        # The content type decides gRPC (agent side): a plain formatter costs less per stat than a CEL test.
+        "%REQ(CONTENT-TYPE)%",
+        f"%DYNAMIC_METADATA({PEER_UPSTREAM}:metadata)%",
+    ]
+
+
+def request_capture(*, exchange: bool) -> dict[str, Any]:
+    """Inbound HTTP: the request's facts formatted once, into filter state, for the three histograms to read.
+
+    Envoy formats every stat's tag anew, so a fact in the tag is formatted three times per request; formatted here
+    it is formatted once and each stat copies one string. The caller's metadata header is read before the router
+    removes it (``inbound_exchange``), which also spares the metadata rule that used to move it aside.
+    """
+    return {
+        "name": "istio.stats.request",
+        "typed_config": {
+            "@type": TYPE["set_filter_state"],
+            "on_request_headers": [
+                {
+                    "object_key": REQUEST_FACTS,
+                    "factory_key": "envoy.hashable_string",
+                    "format_string": {
+                        "text_format_source": {"inline_string": SEPARATOR.join(_request_facts(True, True, exchange))},
+                        # A missing fact is an empty field, as in the stat tags (Envoy prints "-" otherwise).
+                        "omit_empty_values": True,
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _raw(reporter: str, protocol: str, *, captured: bool = False, cluster: str | None = None) -> str:
+    """The one tag every metric carries: the facts Istio's labels are computed from, in a fixed order.
+
+    Version 3 puts what is known only when the request ends first and the request's facts last, so that the
+    inbound side can print those from filter state (``captured``, :func:`request_capture`) in one piece, and a
+    request that ended before that filter ran still parses (its tail is just shorter). ``cluster``: the cluster
+    by name when the chain can reach no other (a literal, not formatted per stat).
+    """
+    inbound = reporter == "destination"
     http = protocol == "http"
-    peer = f"%DYNAMIC_METADATA({PEER_DOWNSTREAM if inbound else PEER_UPSTREAM}:metadata)%" if http else ""
     facts = [
         RAW_VERSION,
         reporter,
         protocol,
-        peer,
-        f"%{side}_PEER_URI_SAN%",
-        # Inbound, our own certificate's SAN is the agent's SPIFFE ID whenever the caller showed one (mesh
-        # chains demand client certificates): the agent fills it in, one command less per stat.
-        "" if inbound else f"%{side}_LOCAL_URI_SAN%",
-        "" if inbound else "%UPSTREAM_METADATA(istio:workload)%",
-        "%UPSTREAM_CLUSTER_RAW%",
-        "%ROUTE_NAME%" if http else "",
-        # The cluster's services: looked up by cluster name at scrape time (telemetry/clusters.py), not printed
-        # as JSON by every stat of every request. The slot stays so raw version 1 tags still parse.
-        "",
-        # istiod turns the Host fallback off on inbound listeners (disable_host_header_fallback).
-        "%REQ(:AUTHORITY)%" if http and not inbound else "",
-        # The content type decides gRPC (agent side): a plain formatter costs less per stat than a CEL test.
-        "%REQ(CONTENT-TYPE)%" if http else "",
         "%RESPONSE_CODE%" if http else "",
         "%GRPC_STATUS_NUMBER%" if http else "",
         "%RESPONSE_FLAGS%",
+        cluster if cluster is not None else "%UPSTREAM_CLUSTER_RAW%",
+        "" if inbound else "%UPSTREAM_METADATA(istio:workload)%",
+        # Our own certificate's SAN: the agent's SPIFFE ID whenever the peer showed a URI SAN (inbound, mesh
+        # chains demand client certificates; outbound, only the mesh's certificates carry URI SANs). The agent
+        # fills it in: one command less per stat. The slot stays for older tags.
+        "",
+        # The cluster's services: looked up by cluster name at scrape time (telemetry/clusters.py), not printed
+        # as JSON by every stat of every request.
+        "",
     ]
-    return SEPARATOR.join(facts)
+    tail = [f"%FILTER_STATE({REQUEST_FACTS}:PLAIN)%"] if captured else _request_facts(inbound, http, exchange=True)
+    return SEPARATOR.join(facts + tail)
 
 
 def _stat(name: str, raw: str) -> dict[str, Any]:
@@ -222,9 +259,10 @@ def _stats_logger(name: str, config: dict[str, Any], log_types: list[str] | None
     return log
 
 
-def http_stats(reporter: str) -> dict[str, Any]:
-    """HCM access log: the three request histograms (istio_requests_total is derived from the first)."""
-    raw = _raw(reporter, "http")
+def http_stats(reporter: str, *, captured: bool = False, cluster: str | None = None) -> dict[str, Any]:
+    """HCM access log: the three request histograms (istio_requests_total is derived from the first).
+    ``captured``: the HCM runs :func:`request_capture`; ``cluster``: the only cluster its routes reach."""
+    raw = _raw(reporter, "http", captured=captured, cluster=cluster)
     # Envoy formats every stat's tag anew per request: istio_requests_total is not a stat of its own but the
     # duration histogram's count, which the agent renders as the counter (one tag format per request saved).
     histograms = [

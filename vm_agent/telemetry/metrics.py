@@ -69,7 +69,24 @@ _KINDS = {name: ("counter" if value is None else "histogram") for name, _, value
 _KINDS.update({name: "counter" for name in TCP_METRICS})
 _REQUESTS, _DURATION = HTTP_METRICS[0][0], HTTP_METRICS[1][0]
 _PREFIX = f"envoy_{STAT_SCOPE}_"
-_RAW_VERSIONS = ("1", RAW_VERSION)
+_OLD_RAW_VERSIONS = ("1", "2")
+_V3_FIELDS = (
+    # filters._raw's order: the facts known when the request ends, then the request's own.
+    "reporter",
+    "protocol",
+    "response_code",
+    "grpc_status",
+    "response_flags",
+    "cluster",
+    "endpoint",
+    "local_principal",
+    "services",
+    "peer_principal",
+    "route",
+    "host",
+    "content_type",
+    "peer",
+)
 _LINE = re.compile(r"^envoy_" + STAT_SCOPE + r'_(istio_\w+)\{raw="((?:[^"\\]|\\.)*)"(?:,le="([^"]*)")?\} (\S+)$')
 _UNESCAPE = re.compile(r"\\(.)")
 
@@ -87,7 +104,7 @@ class LocalWorkload:
     cluster: str = ""
     istio_version: str = ""
     principal: str = ""
-    """This proxy's SPIFFE ID: the inbound side's own SAN, which the raw tag leaves out."""
+    """This proxy's SPIFFE ID: our own SAN on mutual-TLS requests, which the raw tag leaves out."""
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], principal: str = "") -> LocalWorkload:
@@ -133,9 +150,12 @@ class Raw:
     @classmethod
     def parse(cls, value: str) -> Raw | None:
         parts = value.split(SEPARATOR)
-        if len(parts) != 15 or parts[0] not in _RAW_VERSIONS:
+        if parts[0] in _OLD_RAW_VERSIONS:
+            return cls(*parts[1:]) if len(parts) == 15 else None
+        if parts[0] != RAW_VERSION or not 11 <= len(parts) <= 15:
             return None
-        return cls(*parts[1:])
+        # Version 3: a request that ended before the inbound capture ran has a shorter (empty) request part.
+        return cls(**dict(zip(_V3_FIELDS, parts[1:], strict=False)))
 
 
 @lru_cache(maxsize=1024)
@@ -171,7 +191,9 @@ def _service(raw: Raw, host_fallback: bool) -> tuple[str, str, str]:
 def istio_labels(raw: Raw, local: LocalWorkload) -> dict[str, str]:
     """The labels istio-proxy's stats filter puts on this raw series' metrics."""
     inbound = raw.reporter == "destination"
-    if inbound and not raw.local_principal and raw.peer_principal:
+    if not raw.local_principal and raw.peer_principal:
+        # The tag leaves our own SAN out (filters._raw): a peer with a URI SAN means the mesh's mutual TLS, in
+        # which we show the agent's certificate.
         raw = replace(raw, local_principal=local.principal)
     peer = _peer(raw.peer)
     if peer is None and not inbound and raw.endpoint:

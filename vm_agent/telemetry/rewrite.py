@@ -60,7 +60,7 @@ from vm_agent.telemetry.markers import (
     TCP_EXCHANGE,
     mentions_istio_proxy,
 )
-from vm_agent.telemetry.peer import HEADER_ID, NodeExchange
+from vm_agent.telemetry.peer import NodeExchange
 
 _TLS_CONTEXTS = {
     f"type.googleapis.com/{cls.DESCRIPTOR.full_name}": cls
@@ -100,6 +100,24 @@ def _in_mesh(c: cluster_pb2.Cluster) -> bool:
     return not any(k in istio.fields and istio.fields[k].bool_value for k in ("external", "disable_mx"))
 
 
+def _downstream(config: struct_pb2.Struct | None) -> bool:
+    """Whether an HTTP exchange config is istiod's inbound one (it discovers the downstream peer)."""
+    return config is not None and any(k.startswith("downstream_") for k in config.fields)
+
+
+def _only_cluster(hcm: hcm_pb2.HttpConnectionManager) -> str | None:
+    """The one cluster every route of an inline route configuration sends to (istiod's inbound chains), else None."""
+    if not hcm.HasField("route_config"):
+        return None
+    names = set()
+    for vh in hcm.route_config.virtual_hosts:
+        for r in vh.routes:
+            if r.WhichOneof("action") != "route" or r.route.WhichOneof("cluster_specifier") != "cluster":
+                return None
+            names.add(r.route.cluster)
+    return names.pop() if len(names) == 1 else None
+
+
 def _http_filters(dicts: Sequence[dict[str, Any]]) -> list[hcm_pb2.HttpFilter]:
     return [json_format.ParseDict(d, hcm_pb2.HttpFilter()) for d in dicts]
 
@@ -131,46 +149,50 @@ class _Rewriter:
     def http_filters(
         self, hcm: hcm_pb2.HttpConnectionManager, reporter: str, *, mtls: bool, alpn_hint: bool = True
     ) -> bool:
+        kinds = [_typed_struct(h.typed_config) for h in hcm.http_filters]
+        if not any(kind in ISTIO_PROXY_ONLY for kind, _ in kinds):
+            return False
+        self.counts.update(kind for kind, _ in kinds if kind in ISTIO_PROXY_ONLY)
         out: list[hcm_pb2.HttpFilter] = []
-        changed = False
-        for h in hcm.http_filters:
-            kind, value = _typed_struct(h.typed_config)
+        node = self.node
+        inbound_exchange = any(kind == HTTP_EXCHANGE and _downstream(value) for kind, value in kinds)
+        # Inbound with metrics, the request's facts are formatted once into filter state, first thing, so every
+        # request that reaches the filters has them (an RBAC denial included).
+        capture = node is not None and reporter == "destination" and any(kind == STATS for kind, _ in kinds)
+        if capture:
+            out += _http_filters([filters.request_capture(exchange=inbound_exchange)])
+        for h, (kind, value) in zip(hcm.http_filters, kinds, strict=True):
             if kind not in ISTIO_PROXY_ONLY:
                 out.append(h)
+            elif node is None:
                 continue
-            changed = True
-            self.counts[kind] += 1
-            if self.node is None:
-                continue
-            if kind == HTTP_EXCHANGE:
-                keys = set(value.fields) if value is not None else set()
-                if any(k.startswith("downstream_") for k in keys):
-                    # Where istiod inlines the route configuration (inbound chains), the router does what it can
-                    # for less than a filter rule costs per request: it adds our answer for mesh callers and
-                    # removes the caller's id header (the labels read only its metadata header).
-                    inline = hcm.HasField("route_config")
-                    if inline:
-                        if mtls:
-                            hcm.route_config.response_headers_to_add.extend(
-                                json_format.ParseDict(h, base_pb2.HeaderValueOption())
-                                for h in filters.answer_headers(self.node.node_id, self.node.header_value)
-                            )
-                        hcm.route_config.request_headers_to_remove.append(HEADER_ID)
-                    out += _http_filters(
-                        filters.inbound_exchange(
-                            self.node.node_id, self.node.header_value, mtls=mtls and not inline, capture_id=not inline
-                        )
-                    )
-                else:
-                    out += _http_filters(filters.outbound_exchange())
+            elif kind == HTTP_EXCHANGE and _downstream(value):
+                out += self._inbound_exchange(hcm, node, mtls=mtls)
+            elif kind == HTTP_EXCHANGE:
+                out += _http_filters(filters.outbound_exchange())
             elif kind == ALPN and alpn_hint:
                 out += _http_filters([filters.alpn_hint()])
             elif kind == STATS:
-                hcm.access_log.extend(_access_logs([filters.http_stats(reporter)]))
-        if changed:
-            del hcm.http_filters[:]
-            hcm.http_filters.extend(out)
-        return changed
+                stats = filters.http_stats(reporter, captured=capture, cluster=_only_cluster(hcm) if capture else None)
+                hcm.access_log.extend(_access_logs([stats]))
+        del hcm.http_filters[:]
+        hcm.http_filters.extend(out)
+        return True
+
+    def _inbound_exchange(
+        self, hcm: hcm_pb2.HttpConnectionManager, node: NodeExchange, *, mtls: bool
+    ) -> list[hcm_pb2.HttpFilter]:
+        if not hcm.HasField("route_config"):
+            return _http_filters(filters.inbound_exchange(node.node_id, node.header_value, mtls=mtls))
+        # Where istiod inlines the route configuration (inbound chains), the router does it for less than a filter
+        # costs per request: it removes the caller's headers and adds our answer for mesh callers.
+        if mtls:
+            hcm.route_config.response_headers_to_add.extend(
+                json_format.ParseDict(h, base_pb2.HeaderValueOption())
+                for h in filters.answer_headers(node.node_id, node.header_value)
+            )
+        hcm.route_config.request_headers_to_remove.extend(filters.PEER_HEADERS)
+        return []
 
     def chain(self, fc: listener_components_pb2.FilterChain, reporter: str, *, alpn_hint: bool = True) -> None:
         # istiod's inbound chains for mesh callers terminate mutual TLS; plaintext chains serve anyone.

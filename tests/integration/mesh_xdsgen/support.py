@@ -34,15 +34,18 @@ SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3
 
 
 def through_agent(
-    resources: Mapping[str, Mapping[str, any_pb2.Any]], node_id: str, *, telemetry: bool = True
+    resources: Mapping[str, Mapping[str, any_pb2.Any]],
+    node_id: str,
+    *,
+    telemetry: bool = True,
+    workload: Workload | None = None,
 ) -> dict[str, dict[str, any_pb2.Any]]:
     """What Envoy receives through the agent: the local mesh pushes istiod's telemetry filters, and the agent's
-    xDS proxy rewrites them for stock Envoy (vm_agent.telemetry.rewrite). ``telemetry=False`` only drops them."""
-    exchange = (
-        NodeExchange(node_id, header_value(Workload(namespace="vm-ns", workload=[*node_id.split("~"), "", "", ""][2])))
-        if telemetry
-        else None
-    )
+    xDS proxy rewrites them for stock Envoy (vm_agent.telemetry.rewrite). ``telemetry=False`` only drops them.
+    ``workload``: what the exchange header says about this proxy (a minimal one by default)."""
+    if workload is None:
+        workload = Workload(namespace="vm-ns", workload=[*node_id.split("~"), "", "", ""][2])
+    exchange = NodeExchange(node_id, header_value(workload)) if telemetry else None
     out = {t: dict(r) for t, r in resources.items()}
     for type_url in (CLUSTER_TYPE_URL, LISTENER_TYPE_URL):
         resp = discovery_pb2.DiscoveryResponse(type_url=type_url)
@@ -70,6 +73,7 @@ def bootstrap(
     admin_port: int,
     inline: bool,
     telemetry: bool = True,
+    workload: Workload | None = None,
 ) -> dict[str, Any]:
     """A bootstrap carrying the generated resources as static_resources.
 
@@ -77,7 +81,7 @@ def bootstrap(
     without a server). ``inline=True`` folds the generated ClusterLoadAssignments and RouteConfigurations
     into their clusters and listeners so that Envoy can pass traffic without an ADS server.
     """
-    resources = through_agent(resources, node_id, telemetry=telemetry)
+    resources = through_agent(resources, node_id, telemetry=telemetry, workload=workload)
     clusters = _dicts(resources[CLUSTER_TYPE_URL])
     listeners = _dicts(resources[LISTENER_TYPE_URL])
     if inline:

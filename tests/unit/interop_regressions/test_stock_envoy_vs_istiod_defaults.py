@@ -211,3 +211,39 @@ def test_cluster_services_are_learnt_from_istiods_cds() -> None:
         assert json.loads(services(cluster.name)) == expected, cluster.name
         assert expected[0]["host"] == cluster.name.split("|")[3]
     assert services("outbound|1||nowhere.example") == ""
+
+
+def test_inbound_chains_format_the_requests_facts_once() -> None:
+    """On istiod's inbound HTTP chains the request's facts are formatted once into filter state, before any other
+    filter; the router removes the caller's exchange headers; each stat reads the captured facts and names the
+    chain's only cluster as a literal. The outbound chains keep their per-stat facts and the answer capture."""
+    from vm_agent.telemetry import filters
+
+    node = NodeExchange("sidecar~127.0.0.2~vm.ns~ns.svc.cluster.local", "x")
+    clusters, listeners = istiod_resources()
+    without_istio_proxy_filters(clusters, listeners, node)
+    inbound = outbound = 0
+    for lis in listeners:
+        for _, hcm in _hcms(lis):
+            if not hcm.access_log:
+                continue
+            tag = json_format.MessageToDict(hcm.access_log[0].typed_config)["value"]["histograms"][0]["stat"]["tags"][0]
+            names = [h.name for h in hcm.http_filters]
+            if lis.traffic_direction == base_pb2.INBOUND:
+                inbound += 1
+                assert names[0] == "istio.stats.request", names
+                assert "istio.metadata_exchange.discovery" not in names  # no metadata rule inbound any more
+                assert set(filters.PEER_HEADERS) <= set(hcm.route_config.request_headers_to_remove)
+                (cluster,) = {r.route.cluster for vh in hcm.route_config.virtual_hosts for r in vh.routes}
+                assert tag["value_format"].endswith(
+                    f"{cluster}\x1f\x1f\x1f\x1f%FILTER_STATE(istio.stats.request:PLAIN)%"
+                )
+                capture = json_format.MessageToDict(hcm.http_filters[0].typed_config, preserving_proto_field_name=True)
+                capture = capture["on_request_headers"][0]
+                assert "%REQ(x-envoy-peer-metadata)%" in capture["format_string"]["text_format_source"]["inline_string"]
+            else:
+                outbound += 1
+                assert "istio.stats.request" not in names
+                assert "%DYNAMIC_METADATA(io.istio.peer.upstream:metadata)%" in tag["value_format"]
+                assert "LOCAL_URI_SAN" not in tag["value_format"]  # the agent fills our own SAN in
+    assert inbound and outbound
