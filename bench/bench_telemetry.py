@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,9 @@ def vm_workload(ip: str, sa: str) -> Workload:
 
 
 @contextlib.contextmanager
-def _sidecar(work: Path, snap: MeshSnapshot, ca: MeshCa, ip: str, sa: str, telemetry: bool) -> Iterator[int]:
+def _sidecar(
+    work: Path, snap: MeshSnapshot, ca: MeshCa, ip: str, sa: str, telemetry: bool, prefix: Sequence[str] = ()
+) -> Iterator[int]:
     work.mkdir(parents=True, exist_ok=True)
     proxy = ProxyView(
         node_id=f"sidecar~{ip}~{sa[-1]}.vm-ns~vm-ns.svc.cluster.local",
@@ -147,7 +149,7 @@ def _sidecar(work: Path, snap: MeshSnapshot, ca: MeshCa, ip: str, sa: str, telem
             telemetry=telemetry,
             workload=vm_workload(ip, sa),
         )
-        with running_envoy(boot, work) as admin:
+        with running_envoy(boot, work, prefix=prefix, ready_within=300 if prefix else 30) as admin:
             yield admin
 
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,14 +245,18 @@ def sds_server(socket_path: Path, svid: Svid, root_pem: bytes) -> Iterator[_Sds]
 
 
 @contextlib.contextmanager
-def running_envoy(boot: dict[str, Any], workdir: Path) -> Iterator[int]:
-    """Run Envoy with ``boot``; yields its admin port once every listener is active."""
+def running_envoy(
+    boot: dict[str, Any], workdir: Path, *, prefix: Sequence[str] = (), ready_within: float = 30
+) -> Iterator[int]:
+    """Run Envoy with ``boot``; yields its admin port once every listener is active. ``prefix``: a command Envoy
+    runs under (a profiler), which may need a longer ``ready_within``."""
     admin_port = boot["admin"]["address"]["socket_address"]["port_value"]
     path = workdir / "envoy.json"
     path.write_text(json.dumps(boot))
     log = (workdir / "envoy.log").open("w")
     proc = subprocess.Popen(
         [
+            *prefix,
             str(find_envoy_binary()),
             "-c",
             str(path),
@@ -266,7 +270,7 @@ def running_envoy(boot: dict[str, Any], workdir: Path) -> Iterator[int]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + ready_within
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"envoy exited {proc.returncode}: {(workdir / 'envoy.log').read_text()[-3000:]}")
