@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps proto proto-check test lint demo bench bench-fleet interop packages clean
+.PHONY: setup system-deps native proto proto-check test lint demo bench bench-fleet interop packages clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard vm_agent/proto/*.proto)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(STAMP)
 system-deps:
 	@bash scripts/install-system-deps.sh
 
+# The native stats filter for the shipped Envoy (vm_agent/telemetry/native; rebuilt when its sources change).
+native: $(STAMP) system-deps
+	$(BIN)/python -m vm_agent.telemetry.native.build --require >/dev/null
+
 proto: $(STAMP)
 	$(BIN)/python -m vm_agent.proto.generate
 
@@ -30,13 +34,14 @@ lint: $(STAMP) proto-check
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps native
 	$(BIN)/pytest -q -n 2 tests
 
 demo: $(STAMP)
+	$(BIN)/python -m vm_agent.telemetry.native.build >/dev/null
 	$(BIN)/python -m vm_agent.demo
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) system-deps native
 	$(BIN)/python -m bench
 
 # The fleet simulator (bench/fleet): FLEET_VMS simulated VMs against the interop lab's real control plane (built by
@@ -54,7 +59,7 @@ bench-fleet: $(STAMP)
 
 # Builds (or reuses, from ~/.cache/vm-agent-interop) etcd, kube-apiserver, istiod, istioctl and pilot-agent from the
 # Go module proxy, then runs the suite against them on loopback.
-interop: $(STAMP) system-deps
+interop: $(STAMP) system-deps native
 	bash tests/interop/run.sh
 
 # deb and rpm (nfpm) into dist/; see docs/packaging.md.

@@ -17,6 +17,9 @@ class BuildWithProtos(build_py):
     def run(self) -> None:
         generator = runpy.run_path(str(Path(__file__).parent / "vm_agent" / "proto" / "generate.py"))
         generator["generate"](Path(__file__).parent)
+        # The native stats filter, shipped as package data when a C compiler is here (else the stock-filter path).
+        native = runpy.run_path(str(Path(__file__).parent / "vm_agent" / "telemetry" / "native" / "build.py"))
+        native["build"]()
         super().run()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from tests.integration.mesh_xdsgen.support import MeshCa, bootstrap, free_port, running_envoy, sds_server
 from vm_agent.mesh.model import MeshSnapshot, key, parse_documents
 from vm_agent.mesh.xdsgen import ProxyView, generate
+from vm_agent.telemetry.native.build import build as native_build
 from vm_agent.telemetry.peer import Workload
 
 RESULTS = Path(__file__).parent / "results" / "telemetry.md"
@@ -126,7 +127,14 @@ def vm_workload(ip: str, sa: str) -> Workload:
 
 @contextlib.contextmanager
 def _sidecar(
-    work: Path, snap: MeshSnapshot, ca: MeshCa, ip: str, sa: str, telemetry: bool, prefix: Sequence[str] = ()
+    work: Path,
+    snap: MeshSnapshot,
+    ca: MeshCa,
+    ip: str,
+    sa: str,
+    telemetry: bool,
+    prefix: Sequence[str] = (),
+    native: str | None = None,
 ) -> Iterator[int]:
     work.mkdir(parents=True, exist_ok=True)
     proxy = ProxyView(
@@ -148,6 +156,7 @@ def _sidecar(
             inline=True,
             telemetry=telemetry,
             workload=vm_workload(ip, sa),
+            native=native,
         )
         with running_envoy(boot, work, prefix=prefix, ready_within=300 if prefix else 30) as admin:
             yield admin
@@ -175,24 +184,34 @@ def _istio_series(admin: int) -> int:
     return sum(1 for line in text.splitlines() if line.startswith(prefix))
 
 
+MODES = ("off", "native", "stock")
+"""off: Istio's filters only dropped; native: what the agent gives the shipped Envoy (the native stats filter);
+stock: the stock-filter path (any other Envoy, or no C compiler where the agent was built)."""
+
+
 def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
     os.sched_setaffinity(0, {0})  # the Envoys inherit core 0; wrk runs on core 1
+    module = native_build()
+    if module is None:
+        raise RuntimeError("the native stats filter could not be built (no C compiler)")
     ca = MeshCa()
     pb, sb, backend_admin = free_port(), free_port(), free_port()
     snap = MeshSnapshot(1, {key(o): o for o in parse_documents(MESH.format(pb=pb, sb=sb), "mesh.yaml")})
-    samples: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    samples: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     checks: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix="vmtel", dir="/tmp"))
     try:
         (tmp / "backend").mkdir()
         with running_envoy(_backend(pb, backend_admin), tmp / "backend"):
             for r in range(rounds):
-                order = ("on", "off") if r % 2 == 0 else ("off", "on")
+                order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
                 for mode in order:
                     work = tmp / f"{mode}{r}"
+                    native = str(module) if mode == "native" else None
+                    on = mode != "off"
                     with (
-                        _sidecar(work / "a", snap, ca, "127.0.0.2", "sa-a", mode == "on"),
-                        _sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", mode == "on") as b_admin,
+                        _sidecar(work / "a", snap, ca, "127.0.0.2", "sa-a", on, native=native),
+                        _sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", on, native=native) as b_admin,
                     ):
                         url = f"http://127.0.0.1:{sb}/"
                         _wrk(url, 1, connections)  # warm up connections and TLS sessions
@@ -203,39 +222,52 @@ def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
                     )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if checks["on"] == 0 or checks["off"] != 0:
+    if checks["native"] == 0 or checks["stock"] == 0 or checks["off"] != 0:
         raise RuntimeError(f"telemetry was not (only) on where expected: {checks}")
     return {"samples": samples, "rounds": rounds, "seconds": seconds, "connections": connections}
 
 
+def _cost(result: dict[str, Any], mode: str) -> tuple[float, list[float]]:
+    """1 - the median of the per-round mode/off throughput ratios (paired rounds cancel the machine's drift)."""
+    ratios = sorted(a[0] / b[0] for a, b in zip(result["samples"][mode], result["samples"]["off"], strict=True))
+    return 1 - statistics.median(ratios), ratios
+
+
 def report(result: dict[str, Any]) -> str:
-    on, off = result["samples"]["on"], result["samples"]["off"]
-    rps_on, rps_off = statistics.median(s[0] for s in on), statistics.median(s[0] for s in off)
-    p99_on, p99_off = statistics.median(s[1] for s in on), statistics.median(s[1] for s in off)
-    ratios = sorted(a[0] / b[0] for a, b in zip(on, off, strict=True))
-    # Paired rounds cancel most of the shared machine's drift; the medians of each side are shown too.
-    cost = 1 - statistics.median(ratios)
+    med = {
+        m: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+        for m, v in result["samples"].items()
+    }
     lines = [
         "# Istio's exchange and metrics on stock Envoy: cost",
         "",
         "`bench/bench_telemetry.py`, run under `flock /tmp/vm-agent-bench.lock`. Client VM A's Envoy → mTLS →",
         "VM B's Envoy → a `direct_response` backend, HTTP/1.1, wrk on core 1 "
         f"(`-t1 -c{result['connections']}`, {result['seconds']:.0f} s per run), the three Envoys (concurrency 1) on"
-        " core 0. **on**: the configuration the agent gives stock Envoy for a default istiod (header exchange,"
-        " ALPN hint, stats access logs on both sides); **off**: Istio's filters only dropped (the agent before"
-        f" this change). {result['rounds']} rounds, alternating, medians.",
+        " core 0. **native**: what the agent gives the shipped Envoy for a default istiod (header exchange, ALPN"
+        " hint, the native stats filter on both sides); **stock**: the same with the stats access logs and"
+        " metadata rules of the stock-filter path (any other Envoy binary); **off**: Istio's filters only dropped"
+        f" (no exchange, no metrics). {result['rounds']} rounds, the order rotating, medians.",
         "",
-        "| | req/s | p99 (ms) |",
-        "|---|---:|---:|",
-        f"| off (peer) | {rps_off:,.0f} | {p99_off:.2f} |",
-        f"| on | {rps_on:,.0f} | {p99_on:.2f} |",
-        f"| on / off | {rps_on / rps_off:.2f}x (per round {ratios[0]:.2f}-{ratios[-1]:.2f}x) | "
-        f"{p99_on / p99_off:.2f}x |",
+        "| | req/s | p99 (ms) | throughput cost vs off (per-round range) | p99 vs off |",
+        "|---|---:|---:|---:|---:|",
+        f"| off (peer) | {med['off'][0]:,.0f} | {med['off'][1]:.2f} | | |",
+    ]
+    for mode in ("native", "stock"):
+        cost, ratios = _cost(result, mode)
+        lines.append(
+            f"| {mode} | {med[mode][0]:,.0f} | {med[mode][1]:.2f} | **{cost * 100:.1f} %** "
+            f"({(1 - ratios[-1]) * 100:.1f}-{(1 - ratios[0]) * 100:.1f} %) | {med[mode][1] / med['off'][1]:.2f}x |"
+        )
+    lines += [
         "",
-        f"Throughput cost (1 - median of the per-round on/off ratios): **{cost * 100:.1f} %** (budget ≤ 15 %).",
+        "Throughput cost: 1 - the median of the per-round mode/off ratios. Budget ≤ 15 %.",
         "",
         "Per run (req/s, p99 ms): "
-        + "; ".join(f"on {a[0]:,.0f}/{a[1]:.2f}, off {b[0]:,.0f}/{b[1]:.2f}" for a, b in zip(on, off, strict=True)),
+        + "; ".join(
+            ", ".join(f"{m} {result['samples'][m][i][0]:,.0f}/{result['samples'][m][i][1]:.2f}" for m in MODES)
+            for i in range(result["rounds"])
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -1,10 +1,12 @@
 """Where the telemetry's per-request cost goes: Envoy CPU per request with parts of it switched off.
 
 The setup of ``bench_telemetry`` (two VM sidecars over mTLS, a ``direct_response`` backend, wrk on core 1, the
-Envoys on core 0). Variants, alternating in rounds: **off** (Istio's filters only dropped), **full** (what the
-agent configures), **no stats** (full without the stats access logs), **no exchange** (full without the header
-exchange). The figure is the two sidecars' CPU time (user + system, from /proc) per request wrk completed, so
-the machine's share of noise in throughput matters less than in ``bench_telemetry``'s req/s.
+Envoys on core 0). Variants, alternating in rounds: **off** (Istio's filters only dropped), **full** (the
+stock-filter path), **no stats** (full without the stats access logs), **no exchange** (full without the header
+exchange), **native** (what the agent gives the shipped Envoy: the native stats filter in place of the stats
+access logs and the outbound metadata rule). The figure is the two sidecars' CPU time (user + system, from
+/proc) per request wrk completed, so the machine's share of noise in throughput matters less than in
+``bench_telemetry``'s req/s.
 
     flock /tmp/vm-agent-bench.lock .venv/bin/python -m bench bench_telemetry_parts [--rounds=5]
 """
@@ -30,6 +32,7 @@ from bench import bench_telemetry as bt
 from tests.integration.mesh_xdsgen.support import MeshCa, free_port, running_envoy
 from vm_agent.mesh.model import MeshSnapshot, key, parse_documents
 from vm_agent.telemetry import filters, rewrite
+from vm_agent.telemetry.native.build import build as native_build
 
 RESULTS = Path(__file__).parent / "results" / "telemetry-parts.md"
 
@@ -43,13 +46,24 @@ def _no_exchange() -> dict[str, Any]:
     }
 
 
-VARIANTS: dict[str, tuple[bool, dict[str, Any], bool]] = {
-    # name: (telemetry on, filters overrides, keep stats access logs)
-    "off": (False, {}, True),
-    "full": (True, {}, True),
-    "no stats": (True, {}, False),
-    "no exchange": (True, _no_exchange(), True),
+VARIANTS: dict[str, tuple[bool, dict[str, Any], bool, bool]] = {
+    # name: (telemetry on, filters overrides, keep stats access logs, native stats filter)
+    "off": (False, {}, True, False),
+    "full": (True, {}, True, False),
+    "no stats": (True, {}, False, False),
+    "no exchange": (True, _no_exchange(), True, False),
+    "native": (True, {}, True, True),
 }
+
+
+def native_module(wanted: bool) -> str | None:
+    """The native stats filter's module file for a variant that uses it (built here when missing)."""
+    if not wanted:
+        return None
+    path = native_build()
+    if path is None:
+        raise RuntimeError("the native stats filter could not be built (no C compiler)")
+    return str(path)
 
 
 @contextlib.contextmanager
@@ -86,12 +100,13 @@ def run(rounds: int, seconds: int) -> dict[str, list[float]]:
         with running_envoy(bt._backend(pb, backend_admin), tmp / "backend"):
             backend = {c.pid for c in psutil.Process().children()}
             for r in range(rounds):
-                for name, (on, overrides, stats) in VARIANTS.items():
+                for name, (on, overrides, stats, native) in VARIANTS.items():
                     work = tmp / f"{r}-{name.replace(' ', '-')}"
+                    module = native_module(native)
                     with (
                         _variant(overrides, stats),
-                        bt._sidecar(work / "a", snap, ca, "127.0.0.2", "sa-a", on),
-                        bt._sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", on),
+                        bt._sidecar(work / "a", snap, ca, "127.0.0.2", "sa-a", on, native=module),
+                        bt._sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", on, native=module),
                     ):
                         url = f"http://127.0.0.1:{sb}/"
                         bt._wrk(url, 1, 16)

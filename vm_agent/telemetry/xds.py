@@ -29,12 +29,16 @@ class StockEnvoyAdapter:
     """Rewrites istiod's istio-proxy filters for stock Envoy, unless the binary turns out to have them.
 
     ``stock`` says whether the binary is stock Envoy: a bool, or a coroutine function that finds out (run once,
-    started by :meth:`start` so the answer is usually ready before istiod's first listeners arrive).
+    started by :meth:`start` so the answer is usually ready before istiod's first listeners arrive). ``native``:
+    the native stats filter's module file, for the Envoy it was built for (``vm_agent.telemetry.native``).
     """
 
-    def __init__(self, node: NodeExchange, stock: bool | Callable[[], Awaitable[bool]]) -> None:
+    def __init__(
+        self, node: NodeExchange, stock: bool | Callable[[], Awaitable[bool]], native: str | None = None
+    ) -> None:
         self._node = node
         self._stock = stock
+        self.native = native
         self._task: asyncio.Task[bool] | None = None
         self._seen: set[str] = set()
         self._no_alpn = AlpnExceptions()
@@ -70,7 +74,7 @@ class StockEnvoyAdapter:
         from vm_agent.telemetry.rewrite import for_stock_envoy  # Envoy's protos load on the first such response
 
         try:
-            out, counts = for_stock_envoy(message, type_url, delta=delta, node=self._node)
+            out, counts = for_stock_envoy(message, type_url, delta=delta, node=self._node, native=self.native)
         except DecodeError as exc:
             log.warning("cannot inspect %s response, forwarding it as is: %s", type_url, exc)
             return message
@@ -102,6 +106,7 @@ class StockEnvoyAdapter:
     def snapshot(self) -> dict[str, Any]:
         return {
             "stock_envoy": self._stock_known(),
+            "native_stats": self.native is not None,
             "rewritten_types": sorted(self._seen),
             "clusters_with_services": len(self.cluster_services),
         }

@@ -27,6 +27,7 @@ from tests.helpers.istio_metrics import REFERENCE, Destination, Peer, expected_l
 from tests.helpers.mesh import running_mesh
 from tests.helpers.net import free_port
 from tests.integration.agent.test_agent_e2e import App, http_get
+from vm_agent.telemetry.native.build import build as native_build
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -164,15 +165,21 @@ def check_names(text: str) -> None:
         assert set(labels) == wanted, (name, set(labels) ^ wanted)
 
 
-async def test_istio_metrics_on_both_vms(tmp_path: Path, mesh: Any) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native-stats", "stock-filters"])
+async def test_istio_metrics_on_both_vms(tmp_path: Path, mesh: Any, native: bool) -> None:
+    """The same labels and counts whether the shipped Envoy counts with the native stats filter (the default
+    where it was built) or with the stock filters (any other Envoy)."""
     app_port, svc_port, tcp_port, tcp_svc_port = free_port(), free_port(), free_port(), free_port()
     mesh.apply_yaml(manifests(app_port, svc_port, tcp_port, tcp_svc_port), source="test")
     app = App(app_port)
     await app.start()
     server_files = write_vm_files(mesh, namespace=NS, group="vmapp", out=tmp_path / "srv", internal_ip=ip())
     client_files = write_vm_files(mesh, namespace=NS, group="client", out=tmp_path / "cli", internal_ip=ip())
-    server = AgentProcess(server_files, instance_ip=ip())
-    client = AgentProcess(client_files, instance_ip=ip())
+    extra = {"VM_AGENT_NATIVE_STATS": "true" if native else "false"}
+    if native:
+        assert native_build(require=True) is not None
+    server = AgentProcess(server_files, instance_ip=ip(), extra=extra)
+    client = AgentProcess(client_files, instance_ip=ip(), extra=extra)
     server.start()
     client.start()
     try:
@@ -191,6 +198,14 @@ async def test_istio_metrics_on_both_vms(tmp_path: Path, mesh: Any) -> None:
             for i in range(TCP_CONNECTIONS):
                 payload = f"tcp bytes {i}\n".encode()
                 assert await asyncio.to_thread(tcp_roundtrip, tcp_svc_port, payload) == payload
+
+        for agent in (server, client):
+            code, dump = agent.get(f"http://127.0.0.1:{agent.ports.admin}/config_dump", timeout=10)
+            assert code == 200
+            # What Envoy actually runs: the module filter on HTTP chains, or the stock filters' metadata rule.
+            assert (b"vm_agent_istio_stats" in dump) == native
+            if agent is client:
+                assert (b"istio.metadata_exchange.discovery" in dump) != native
 
         src = Peer.from_cluster_env(client_files / "cluster.env")
         dst = Peer.from_cluster_env(server_files / "cluster.env")

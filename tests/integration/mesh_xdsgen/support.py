@@ -39,10 +39,12 @@ def through_agent(
     *,
     telemetry: bool = True,
     workload: Workload | None = None,
+    native: str | None = None,
 ) -> dict[str, dict[str, any_pb2.Any]]:
     """What Envoy receives through the agent: the local mesh pushes istiod's telemetry filters, and the agent's
     xDS proxy rewrites them for stock Envoy (vm_agent.telemetry.rewrite). ``telemetry=False`` only drops them.
-    ``workload``: what the exchange header says about this proxy (a minimal one by default)."""
+    ``workload``: what the exchange header says about this proxy (a minimal one by default); ``native``: the native
+    stats filter's module file, as the agent uses it with the shipped Envoy."""
     if workload is None:
         workload = Workload(namespace="vm-ns", workload=[*node_id.split("~"), "", "", ""][2])
     exchange = NodeExchange(node_id, header_value(workload)) if telemetry else None
@@ -51,7 +53,7 @@ def through_agent(
         resp = discovery_pb2.DiscoveryResponse(type_url=type_url)
         names = list(out[type_url])
         resp.resources.extend(out[type_url][n] for n in names)
-        raw, _ = for_stock_envoy(resp.SerializeToString(), type_url, delta=False, node=exchange)
+        raw, _ = for_stock_envoy(resp.SerializeToString(), type_url, delta=False, node=exchange, native=native)
         out[type_url] = dict(zip(names, discovery_pb2.DiscoveryResponse.FromString(raw).resources, strict=True))
     return out
 
@@ -74,6 +76,7 @@ def bootstrap(
     inline: bool,
     telemetry: bool = True,
     workload: Workload | None = None,
+    native: str | None = None,
 ) -> dict[str, Any]:
     """A bootstrap carrying the generated resources as static_resources.
 
@@ -81,7 +84,7 @@ def bootstrap(
     without a server). ``inline=True`` folds the generated ClusterLoadAssignments and RouteConfigurations
     into their clusters and listeners so that Envoy can pass traffic without an ADS server.
     """
-    resources = through_agent(resources, node_id, telemetry=telemetry, workload=workload)
+    resources = through_agent(resources, node_id, telemetry=telemetry, workload=workload, native=native)
     clusters = _dicts(resources[CLUSTER_TYPE_URL])
     listeners = _dicts(resources[LISTENER_TYPE_URL])
     if inline:

@@ -94,6 +94,11 @@ def test_file_lists(packages: Packages) -> None:
     for path in ESSENTIAL:
         assert path in deb_files, f"deb lacks {path}"
         assert path in rpm_files, f"rpm lacks {path}"
+    # The native stats filter for the shipped Envoy (built with the wheel; without it the agent falls back to the
+    # stock filters, which cost more per request).
+    native = f"{SITE}/vm_agent/telemetry/native/libvm_agent_istio_stats.so.1"
+    assert native in deb_files, f"deb lacks {native}"
+    assert native in rpm_files, f"rpm lacks {native}"
     assert "/lib/systemd/system/vm-agent.service" in deb_files
     assert "/usr/lib/systemd/system/vm-agent.service" in rpm_files
     # The rpm must not own /lib, /usr or /usr/lib: the distribution's filesystem package does.

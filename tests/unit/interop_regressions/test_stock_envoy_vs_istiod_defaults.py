@@ -247,3 +247,59 @@ def test_inbound_chains_format_the_requests_facts_once() -> None:
                 assert "%DYNAMIC_METADATA(io.istio.peer.upstream:metadata)%" in tag["value_format"]
                 assert "LOCAL_URI_SAN" not in tag["value_format"]  # the agent fills our own SAN in
     assert inbound and outbound
+
+
+def test_native_stats_filter_takes_istiods_http_chains(tmp_path: Path) -> None:
+    """With the native stats filter (vm_agent.telemetry.native), every HTTP chain istiod gives metrics counts with it,
+    first in the chain: no stats access log, no inbound capture, no outbound metadata rule (the filter takes the
+    answer). TCP chains keep their access logs. The shipped Envoy validates it, which loads the module and runs its
+    configuration hook (it rejects a configuration that names no reporter)."""
+    from vm_agent.telemetry.native.build import build
+
+    module = build(require=True)
+    assert module is not None
+    node = NodeExchange("sidecar~127.0.0.2~vm.ns~ns.svc.cluster.local", "x")
+    clusters, listeners = istiod_resources()
+    resp = discovery_pb2.DiscoveryResponse(type_url=LISTENER_TYPE_URL)
+    for item in listeners:
+        resp.resources.add().Pack(item)
+    out, _ = for_stock_envoy(resp.SerializeToString(), LISTENER_TYPE_URL, delta=False, node=node, native=str(module))
+    for item, any_ in zip(listeners, discovery_pb2.DiscoveryResponse.FromString(out).resources, strict=True):
+        any_.Unpack(item)
+    without_istio_proxy_filters(clusters, [], node)
+    counted = {"destination": 0, "source": 0}
+    for lis in listeners:
+        for _, hcm in _hcms(lis):
+            names = [h.name for h in hcm.http_filters]
+            if "istio.stats" not in names:
+                continue
+            assert names[0] == "istio.stats", names
+            assert not hcm.access_log
+            assert "istio.stats.request" not in names
+            assert "istio.metadata_exchange.discovery" not in names
+            config = json_format.MessageToDict(hcm.http_filters[0].typed_config)["value"]
+            assert config["dynamic_module_config"]["module"]["local"]["filename"] == str(module)
+            assert config["dynamic_module_config"]["metrics_namespace"] == "istiocustom"
+            reporter = config["filter_config"]["value"]
+            assert reporter == ("destination" if lis.traffic_direction == base_pb2.INBOUND else "source")
+            counted[reporter] += 1
+    assert all(counted.values()), counted
+    res = envoy_validate(tmp_path, clusters, listeners)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    # A configuration the module refuses is refused by Envoy, so a broken rewrite cannot pass unnoticed.
+    for lis in listeners:
+        for fc in lis.filter_chains:
+            for f in fc.filters:
+                if not f.typed_config.type_url.endswith("HttpConnectionManager"):
+                    continue
+                hcm = hcm_pb2.HttpConnectionManager()
+                f.typed_config.Unpack(hcm)
+                for h in hcm.http_filters:
+                    if h.name == "istio.stats":
+                        d = json_format.MessageToDict(h.typed_config)
+                        d["value"]["filter_config"]["value"] = "nobody"
+                        json_format.ParseDict(d, h.typed_config)
+                f.typed_config.Pack(hcm)
+    res = envoy_validate(tmp_path, clusters, listeners)
+    assert res.returncode != 0
