@@ -3,9 +3,11 @@
 Two VM sidecars configured like the agent configures them (the local mesh's resources, which carry a default
 istiod's telemetry filters, through the agent's rewrite for stock Envoy) carry HTTP/1.1 over mTLS from client
 VM A's loopback listener to VM B's inbound listener and on to a backend that answers at once (an Envoy
-``direct_response``, so the backend is never the bottleneck). The peer: the same two sidecars with Istio's
-filters only dropped (no exchange, no metrics): what vm-agent did before. Runs alternate between the two in one
-process. Envoys (concurrency 1 each) share core 0, wrk runs on core 1; throughput and p99 come from wrk.
+``direct_response``, so the backend is never the bottleneck). Three such pairs run side by side: **native** (what
+the agent gives the shipped Envoy), **stock** (the stock-filter path, for any other Envoy) and the peer, **off**
+(Istio's filters only dropped: no exchange, no metrics, what vm-agent did before). wrk loads one pair at a time for
+a few seconds, in rotating order, round after round, so compared samples are seconds apart. Envoys (concurrency 1
+each) share core 0, wrk runs on core 1; throughput and p99 come from wrk.
 
     flock /tmp/vm-agent-bench.lock .venv/bin/python -m bench bench_telemetry
 """
@@ -190,36 +192,45 @@ stock: the stock-filter path (any other Envoy, or no C compiler where the agent 
 
 
 def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
+    """All three pairs of sidecars run side by side (each with its own ports and backend); every round loads each
+    pair in turn for ``seconds``, the order rotating, so the samples compared are seconds apart, not minutes: the
+    shared machine's swings hit a round's three samples alike and cancel in the per-round ratios."""
     os.sched_setaffinity(0, {0})  # the Envoys inherit core 0; wrk runs on core 1
     module = native_build()
     if module is None:
         raise RuntimeError("the native stats filter could not be built (no C compiler)")
     ca = MeshCa()
-    pb, sb, backend_admin = free_port(), free_port(), free_port()
-    snap = MeshSnapshot(1, {key(o): o for o in parse_documents(MESH.format(pb=pb, sb=sb), "mesh.yaml")})
     samples: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    urls: dict[str, str] = {}
     checks: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix="vmtel", dir="/tmp"))
     try:
-        (tmp / "backend").mkdir()
-        with running_envoy(_backend(pb, backend_admin), tmp / "backend"):
+        with contextlib.ExitStack() as stack:
+            admins: dict[str, int] = {}
+            for mode in MODES:
+                pb, sb = free_port(), free_port()
+                snap = MeshSnapshot(1, {key(o): o for o in parse_documents(MESH.format(pb=pb, sb=sb), "mesh.yaml")})
+                work = tmp / mode
+                (work / "backend").mkdir(parents=True)
+                stack.enter_context(running_envoy(_backend(pb, free_port()), work / "backend"))
+                native = str(module) if mode == "native" else None
+                on = mode != "off"
+                stack.enter_context(_sidecar(work / "a", snap, ca, "127.0.0.2", "sa-a", on, native=native))
+                admins[mode] = stack.enter_context(
+                    _sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", on, native=native)
+                )
+                urls[mode] = f"http://127.0.0.1:{sb}/"
+                _wrk(urls[mode], 1, connections)  # warm up connections and TLS sessions
             for r in range(rounds):
                 order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
                 for mode in order:
-                    work = tmp / f"{mode}{r}"
-                    native = str(module) if mode == "native" else None
-                    on = mode != "off"
-                    with (
-                        _sidecar(work / "a", snap, ca, "127.0.0.2", "sa-a", on, native=native),
-                        _sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", on, native=native) as b_admin,
-                    ):
-                        url = f"http://127.0.0.1:{sb}/"
-                        _wrk(url, 1, connections)  # warm up connections and TLS sessions
-                        samples[mode].append(_wrk(url, seconds, connections))
-                        checks[mode] = _istio_series(b_admin)
-                    print(
-                        f"  round {r + 1} {mode}: {samples[mode][-1][0]:.0f} req/s, p99 {samples[mode][-1][1]:.2f} ms"
-                    )
+                    samples[mode].append(_wrk(urls[mode], seconds, connections))
+                print(
+                    f"  round {r + 1}: "
+                    + ", ".join(f"{m} {samples[m][-1][0]:.0f} req/s p99 {samples[m][-1][1]:.2f} ms" for m in MODES),
+                    flush=True,
+                )
+            checks = {mode: _istio_series(admin) for mode, admin in admins.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if checks["native"] == 0 or checks["stock"] == 0 or checks["off"] != 0:
@@ -247,7 +258,8 @@ def report(result: dict[str, Any]) -> str:
         " core 0. **native**: what the agent gives the shipped Envoy for a default istiod (header exchange, ALPN"
         " hint, the native stats filter on both sides); **stock**: the same with the stats access logs and"
         " metadata rules of the stock-filter path (any other Envoy binary); **off**: Istio's filters only dropped"
-        f" (no exchange, no metrics). {result['rounds']} rounds, the order rotating, medians.",
+        f" (no exchange, no metrics). The three pairs run side by side; {result['rounds']} rounds load each in turn"
+        " (the order rotating), medians.",
         "",
         "| | req/s | p99 (ms) | throughput cost vs off (per-round range) | p99 vs off |",
         "|---|---:|---:|---:|---:|",
@@ -275,8 +287,8 @@ def report(result: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--json", type=Path)
     args, _ = ap.parse_known_args([a for a in sys.argv[1:] if a.startswith("--")])

@@ -204,15 +204,13 @@ def telemetry_adapter(config: Config) -> StockEnvoyAdapter:
     from vm_agent.envoy_binary import find_envoy_binary
     from vm_agent.telemetry import NodeExchange, StockEnvoyAdapter, header_value, workload_from_metadata
     from vm_agent.telemetry.detect import has_istio_filters
-    from vm_agent.telemetry.native import module_path
+    from vm_agent.telemetry.native import choose as choose_native
 
     node = config.node
     exchange = NodeExchange(node.id, header_value(workload_from_metadata(node.metadata, node.locality)))
     configured = config.agent.envoy_binary
-    native = None
-    if not configured and config.env.get("VM_AGENT_NATIVE_STATS", "").strip().lower() not in ("false", "0", "no"):
-        path = module_path()
-        native = str(path) if path is not None else None
+    path, _ = choose_native(config.env, configured)
+    native = str(path) if path is not None else None
     forced = config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "").strip().lower()
     if forced:
         return StockEnvoyAdapter(exchange, forced not in ("false", "0", "no"), native)

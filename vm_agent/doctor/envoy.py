@@ -13,6 +13,7 @@ from typing import Any
 from vm_agent.doctor.context import Context
 from vm_agent.doctor.result import CheckResult, fail, ok
 from vm_agent.envoy_binary import find_envoy_binary
+from vm_agent.telemetry.native import choose as choose_native
 
 ENVOY = "envoy"
 
@@ -62,4 +63,7 @@ async def check_envoy(ctx: Context) -> CheckResult:
     version = match.group(1) if match else None
     details["version"] = version
     details["build"] = output.split("version:", 1)[-1].strip() if "version:" in output else output[:200]
-    return ok(ENVOY, f"Envoy {version or '(version not recognised)'} at {path} (from {source})", **details)
+    native, why = choose_native(ctx.config.env, configured)
+    details["native_stats"] = str(native) if native is not None else None
+    metrics = f"HTTP metrics by {why}" if native is not None else f"HTTP metrics by stats access logs: {why}"
+    return ok(ENVOY, f"Envoy {version or '(version not recognised)'} at {path} (from {source}); {metrics}", **details)

@@ -83,8 +83,9 @@ class StockEnvoyAdapter:
         if counts and not counts.keys() <= self._seen:
             self._seen.update(counts)
             log.info(
-                "replacing istio-proxy-only filters with stock Envoy ones: %s",
+                "replacing istio-proxy-only filters with stock Envoy ones: %s; HTTP metrics by %s",
                 ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())),
+                f"the native stats filter ({self.native})" if self.native else "stats access logs",
             )
         return out
 

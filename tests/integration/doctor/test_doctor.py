@@ -60,6 +60,8 @@ async def test_json_schema_is_stable(vm: Vm) -> None:
     assert by_id["ca"]["details"]["tls"] is True
     assert by_id["token"]["details"]["audiences"] == ["istio-ca"]
     assert by_id["certificate"]["details"]["spiffe_id"] == f"spiffe://cluster.local/ns/vmns/sa/{SA}"
+    # The shipped Envoy counts HTTP requests with the native stats filter (make builds it).
+    assert by_id["envoy"]["details"]["native_stats"].endswith("libvm_agent_istio_stats.so.1")
     assert vm.token_path.read_text().strip() not in str(doc)
 
 
@@ -164,6 +166,15 @@ async def test_missing_envoy(vm: Vm, tmp_path: Path) -> None:
     envoy = results["envoy"]
     assert "no-such-envoy" in envoy.summary and "VM_AGENT_ENVOY_BINARY" in envoy.summary
     assert envoy.hint and "VM_AGENT_ENVOY_BINARY" in envoy.hint
+
+
+async def test_native_stats_turned_off_is_said(vm: Vm) -> None:
+    vm.settings["VM_AGENT_NATIVE_STATS"] = "false"
+    results = await vm.doctor()
+    assert statuses(results) == baseline(vm), explain(results)
+    envoy = results["envoy"]
+    assert "stats access logs: VM_AGENT_NATIVE_STATS=false" in envoy.summary
+    assert envoy.details["native_stats"] is None
 
 
 async def test_probe_failing(vm: Vm) -> None:

@@ -76,6 +76,11 @@ def test_istio_request_metrics_on_both_vms(lab: NetLab) -> None:
             for n in names
         }
 
+    # The lab's VMs run the shipped Envoy, so HTTP requests are counted by the native stats filter.
+    for vm in (webapp, v1, v2):
+        status = vm.status()
+        assert status is not None
+        assert status["telemetry"]["native_stats"] is True, (vm.name, status["telemetry"])
     # Envoy folds histogram samples into /stats only at its stats flush (5 s): let earlier tests' samples land first.
     time.sleep(STATS_FLUSH_S)
     before = snapshot()

@@ -9,6 +9,7 @@ binary; any other Envoy, or a machine where it was not built, gets the stock-fil
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,21 @@ def module_path() -> Path | None:
         return None
     shipped = shipped_envoy_release()
     return path if shipped is not None and shipped.startswith(ENVOY_RELEASE) else None
+
+
+def choose(env: Mapping[str, str], envoy_binary: str | None) -> tuple[Path | None, str]:
+    """The module to count HTTP requests with (None: the stock filters) and why, for the agent and ``doctor``.
+    ``envoy_binary``: the configured binary (None: the shipped one)."""
+    if envoy_binary:
+        return None, "another Envoy binary is configured (its module ABI is unknown)"
+    if env.get("VM_AGENT_NATIVE_STATS", "").strip().lower() in ("false", "0", "no"):
+        return None, "VM_AGENT_NATIVE_STATS=false"
+    path = module_path()
+    if path is not None:
+        return path, f"the native stats filter ({path})"
+    if not Path(__file__).with_name(LIBRARY).is_file():
+        return None, "the native stats filter was not built here (no C compiler at install time)"
+    return None, f"the shipped Envoy is {shipped_envoy_release() or 'not installed'}, not {ENVOY_RELEASE}x"
 
 
 def shipped_envoy_release() -> str | None:
