@@ -33,6 +33,7 @@ from typing import Any
 from tests.integration.mesh_xdsgen.support import MeshCa, bootstrap, free_port, running_envoy, sds_server
 from vm_agent.mesh.model import MeshSnapshot, key, parse_documents
 from vm_agent.mesh.xdsgen import ProxyView, generate
+from vm_agent.telemetry.native import EXPORT_FILE, NativeStats
 from vm_agent.telemetry.native.build import build as native_build
 from vm_agent.telemetry.peer import Workload
 
@@ -158,7 +159,7 @@ def _sidecar(
             inline=True,
             telemetry=telemetry,
             workload=vm_workload(ip, sa),
-            native=native,
+            native=None if native is None else NativeStats(native, str(work / EXPORT_FILE)),
         )
         with running_envoy(boot, work, prefix=prefix, ready_within=300 if prefix else 30) as admin:
             yield admin
@@ -178,9 +179,13 @@ def _wrk(url: str, seconds: float, connections: int) -> tuple[float, float]:
     return rps, p99
 
 
-def _istio_series(admin: int) -> int:
+def _istio_series(admin: int, work: Path) -> int:
+    """Raw request series in the sidecar's Envoy stats or in the native filter's file (``work``: its folder)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
         text = r.read().decode()
+    time.sleep(1.5)  # the native filter writes its file once a second
+    export = work / EXPORT_FILE
+    text += export.read_text() if export.exists() else ""
     # istio_requests_total is the duration histogram's count (the agent renders it): the histogram is the proof.
     prefix = "envoy_istiocustom_istio_request_duration_milliseconds_count"
     return sum(1 for line in text.splitlines() if line.startswith(prefix))
@@ -207,6 +212,7 @@ def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
     try:
         with contextlib.ExitStack() as stack:
             admins: dict[str, int] = {}
+            b_work: dict[str, Path] = {}
             for mode in MODES:
                 pb, sb = free_port(), free_port()
                 snap = MeshSnapshot(1, {key(o): o for o in parse_documents(MESH.format(pb=pb, sb=sb), "mesh.yaml")})
@@ -219,6 +225,7 @@ def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
                 admins[mode] = stack.enter_context(
                     _sidecar(work / "b", snap, ca, "127.0.0.3", "sa-b", on, native=native)
                 )
+                b_work[mode] = work / "b"
                 urls[mode] = f"http://127.0.0.1:{sb}/"
                 _wrk(urls[mode], 1, connections)  # warm up connections and TLS sessions
             for r in range(rounds):
@@ -230,7 +237,7 @@ def run(rounds: int, seconds: float, connections: int) -> dict[str, Any]:
                     + ", ".join(f"{m} {samples[m][-1][0]:.0f} req/s p99 {samples[m][-1][1]:.2f} ms" for m in MODES),
                     flush=True,
                 )
-            checks = {mode: _istio_series(admin) for mode, admin in admins.items()}
+            checks = {mode: _istio_series(admin, b_work[mode]) for mode, admin in admins.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if checks["native"] == 0 or checks["stock"] == 0 or checks["off"] != 0:

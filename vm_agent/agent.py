@@ -209,8 +209,7 @@ def telemetry_adapter(config: Config) -> StockEnvoyAdapter:
     node = config.node
     exchange = NodeExchange(node.id, header_value(workload_from_metadata(node.metadata, node.locality)))
     configured = config.agent.envoy_binary
-    path, _ = choose_native(config.env, configured)
-    native = str(path) if path is not None else None
+    native, _ = choose_native(config.env, configured, config.paths.proxy_config_dir)
     forced = config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "").strip().lower()
     if forced:
         return StockEnvoyAdapter(exchange, forced not in ("false", "0", "no"), native)
@@ -344,6 +343,7 @@ class Agent:
             envoy_metrics=IstioMetrics(
                 LocalWorkload.from_metadata(config.node.metadata, principal=config.identity.spiffe_id),
                 services=self.telemetry.cluster_services,
+                native=self.telemetry.native.read if self.telemetry.native is not None else None,
             ).render,
         )
 

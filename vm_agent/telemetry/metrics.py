@@ -275,11 +275,18 @@ def _fmt(value: float) -> str:
 class IstioMetrics:
     """Rewrites Envoy's Prometheus text: raw ``istiocustom`` series out, Istio's metrics in."""
 
-    def __init__(self, local: LocalWorkload, services: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        local: LocalWorkload,
+        services: Callable[[str], str] | None = None,
+        native: Callable[[], str] | None = None,
+    ) -> None:
         """``services``: cluster name → its services as JSON (``ClusterServices``), for raw tags that name only
-        the cluster."""
+        the cluster; ``native``: the native stats filter's histograms (``NativeStats.read``), raw series in Envoy's
+        text format, rendered with Envoy's own."""
         self.local = local
         self._services = services
+        self._native = native
         self._labels_of = lru_cache(maxsize=4096)(self._labels_uncached)
 
     def _labels(self, raw_value: str) -> tuple[tuple[str, str], ...] | None:
@@ -294,6 +301,10 @@ class IstioMetrics:
         return tuple(istio_labels(raw, self.local).items())
 
     def render(self, envoy_text: str) -> str:
+        if self._native is not None:
+            extra = self._native()
+            if extra:
+                envoy_text = envoy_text.rstrip("\n") + "\n" + extra
         counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         buckets: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, float]] = {}
         requests: dict[tuple[tuple[str, str], ...], float] = {}

@@ -60,7 +60,7 @@ from vm_agent.telemetry.markers import (
     TCP_EXCHANGE,
     mentions_istio_proxy,
 )
-from vm_agent.telemetry.native import http_filter as native_filter
+from vm_agent.telemetry.native import NativeStats
 from vm_agent.telemetry.peer import NodeExchange
 
 _TLS_CONTEXTS = {
@@ -128,7 +128,7 @@ def _access_logs(dicts: Sequence[dict[str, Any]]) -> list[accesslog_pb2.AccessLo
 
 
 class _Rewriter:
-    def __init__(self, node: NodeExchange | None, native: str | None = None) -> None:
+    def __init__(self, node: NodeExchange | None, native: NativeStats | None = None) -> None:
         self.node = node
         self.native = native if node is not None else None
         self.counts: Counter[str] = Counter()
@@ -163,7 +163,7 @@ class _Rewriter:
         # first so it sees the caller's headers before the router removes them.
         native = self.native if stats else None
         if native is not None:
-            out += _http_filters([native_filter(native, reporter, filters.STAT_SCOPE)])
+            out += _http_filters([native.http_filter(reporter)])
         # Else, inbound, the request's facts are formatted once into filter state, first thing, so every request
         # that reaches the filters has them (an RBAC denial included).
         capture = native is None and stats and reporter == "destination"
@@ -297,11 +297,11 @@ class _Rewriter:
 
 
 def for_stock_envoy(
-    message: bytes, type_url: str, *, delta: bool, node: NodeExchange | None, native: str | None = None
+    message: bytes, type_url: str, *, delta: bool, node: NodeExchange | None, native: NativeStats | None = None
 ) -> tuple[bytes, dict[str, int]]:
     """The response with Istio's filters replaced by stock ones and the exchange ALPN removed, and how many of
     each were rewritten. ``node=None`` only removes (no exchange, ALPN hint or metrics); ``native``: the native
-    stats filter's module file, used for HTTP metrics in place of the stats access log.
+    stats filter, used for HTTP metrics in place of the stats access log.
 
     Returns the original bytes untouched when the response is not LDS/CDS or holds none of them.
     """

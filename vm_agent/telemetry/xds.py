@@ -13,6 +13,7 @@ from vm_agent.metrics import REGISTRY, Counter
 from vm_agent.telemetry.alpn import CLUSTER_TYPE_URL, ROUTE_TYPE_URL, AlpnExceptions
 from vm_agent.telemetry.clusters import SERVICES_MARKER, ClusterServices, decode_clusters
 from vm_agent.telemetry.markers import mentions_istio_proxy
+from vm_agent.telemetry.native import NativeStats
 from vm_agent.telemetry.peer import NodeExchange
 
 log = get_logger("telemetry")
@@ -30,11 +31,11 @@ class StockEnvoyAdapter:
 
     ``stock`` says whether the binary is stock Envoy: a bool, or a coroutine function that finds out (run once,
     started by :meth:`start` so the answer is usually ready before istiod's first listeners arrive). ``native``:
-    the native stats filter's module file, for the Envoy it was built for (``vm_agent.telemetry.native``).
+    the native stats filter, for the Envoy it was built for (``vm_agent.telemetry.native``).
     """
 
     def __init__(
-        self, node: NodeExchange, stock: bool | Callable[[], Awaitable[bool]], native: str | None = None
+        self, node: NodeExchange, stock: bool | Callable[[], Awaitable[bool]], native: NativeStats | None = None
     ) -> None:
         self._node = node
         self._stock = stock
@@ -85,7 +86,7 @@ class StockEnvoyAdapter:
             log.info(
                 "replacing istio-proxy-only filters with stock Envoy ones: %s; HTTP metrics by %s",
                 ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())),
-                f"the native stats filter ({self.native})" if self.native else "stats access logs",
+                f"the native stats filter ({self.native.module})" if self.native else "stats access logs",
             )
         return out
 

@@ -29,6 +29,7 @@ from tests.helpers.envoy import find_envoy_binary, uds_grpc_cluster
 from tests.helpers.net import free_port
 from vm_agent.mesh.xdsgen import CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL
 from vm_agent.telemetry import NodeExchange, Workload, for_stock_envoy, header_value
+from vm_agent.telemetry.native import NativeStats
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -39,12 +40,12 @@ def through_agent(
     *,
     telemetry: bool = True,
     workload: Workload | None = None,
-    native: str | None = None,
+    native: NativeStats | None = None,
 ) -> dict[str, dict[str, any_pb2.Any]]:
     """What Envoy receives through the agent: the local mesh pushes istiod's telemetry filters, and the agent's
     xDS proxy rewrites them for stock Envoy (vm_agent.telemetry.rewrite). ``telemetry=False`` only drops them.
     ``workload``: what the exchange header says about this proxy (a minimal one by default); ``native``: the native
-    stats filter's module file, as the agent uses it with the shipped Envoy."""
+    stats filter, as the agent uses it with the shipped Envoy."""
     if workload is None:
         workload = Workload(namespace="vm-ns", workload=[*node_id.split("~"), "", "", ""][2])
     exchange = NodeExchange(node_id, header_value(workload)) if telemetry else None
@@ -76,7 +77,7 @@ def bootstrap(
     inline: bool,
     telemetry: bool = True,
     workload: Workload | None = None,
-    native: str | None = None,
+    native: NativeStats | None = None,
 ) -> dict[str, Any]:
     """A bootstrap carrying the generated resources as static_resources.
 
@@ -249,10 +250,15 @@ def sds_server(socket_path: Path, svid: Svid, root_pem: bytes) -> Iterator[_Sds]
 
 @contextlib.contextmanager
 def running_envoy(
-    boot: dict[str, Any], workdir: Path, *, prefix: Sequence[str] = (), ready_within: float = 30
+    boot: dict[str, Any],
+    workdir: Path,
+    *,
+    prefix: Sequence[str] = (),
+    ready_within: float = 30,
+    concurrency: int = 1,
 ) -> Iterator[int]:
     """Run Envoy with ``boot``; yields its admin port once every listener is active. ``prefix``: a command Envoy
-    runs under (a profiler), which may need a longer ``ready_within``."""
+    runs under (a profiler), which may need a longer ``ready_within``; ``concurrency``: its worker threads."""
     admin_port = boot["admin"]["address"]["socket_address"]["port_value"]
     path = workdir / "envoy.json"
     path.write_text(json.dumps(boot))
@@ -265,7 +271,7 @@ def running_envoy(
             str(path),
             "--disable-hot-restart",
             "--concurrency",
-            "1",
+            str(concurrency),
             "-l",
             "warning",
         ],

@@ -254,16 +254,18 @@ def test_native_stats_filter_takes_istiods_http_chains(tmp_path: Path) -> None:
     first in the chain: no stats access log, no inbound capture, no outbound metadata rule (the filter takes the
     answer). TCP chains keep their access logs. The shipped Envoy validates it, which loads the module and runs its
     configuration hook (it rejects a configuration that names no reporter)."""
+    from vm_agent.telemetry.native import NativeStats
     from vm_agent.telemetry.native.build import build
 
     module = build(require=True)
     assert module is not None
+    stats = NativeStats(str(module), str(tmp_path / "istio-stats.prom"))
     node = NodeExchange("sidecar~127.0.0.2~vm.ns~ns.svc.cluster.local", "x")
     clusters, listeners = istiod_resources()
     resp = discovery_pb2.DiscoveryResponse(type_url=LISTENER_TYPE_URL)
     for item in listeners:
         resp.resources.add().Pack(item)
-    out, _ = for_stock_envoy(resp.SerializeToString(), LISTENER_TYPE_URL, delta=False, node=node, native=str(module))
+    out, _ = for_stock_envoy(resp.SerializeToString(), LISTENER_TYPE_URL, delta=False, node=node, native=stats)
     for item, any_ in zip(listeners, discovery_pb2.DiscoveryResponse.FromString(out).resources, strict=True):
         any_.Unpack(item)
     without_istio_proxy_filters(clusters, [], node)
@@ -279,8 +281,8 @@ def test_native_stats_filter_takes_istiods_http_chains(tmp_path: Path) -> None:
             assert "istio.metadata_exchange.discovery" not in names
             config = json_format.MessageToDict(hcm.http_filters[0].typed_config)["value"]
             assert config["dynamic_module_config"]["module"]["local"]["filename"] == str(module)
-            assert config["dynamic_module_config"]["metrics_namespace"] == "istiocustom"
-            reporter = config["filter_config"]["value"]
+            reporter, _, export = config["filter_config"]["value"].partition("|")
+            assert export == stats.export
             assert reporter == ("destination" if lis.traffic_direction == base_pb2.INBOUND else "source")
             counted[reporter] += 1
     assert all(counted.values()), counted

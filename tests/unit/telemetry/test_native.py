@@ -43,16 +43,23 @@ def test_not_built_means_not_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert native.module_path() is None
 
 
-def test_the_filter_config_names_the_module_and_reporter() -> None:
-    f = native.http_filter("/x/lib.so.1", "source", "istiocustom")
+def test_the_filter_config_names_the_module_reporter_and_file() -> None:
+    f = native.NativeStats("/x/lib.so.1", "/run/p/istio-stats.prom").http_filter("source")
     value = f["typed_config"]["value"]
     assert f["typed_config"]["type_url"] == native.TYPE
     assert value["dynamic_module_config"] == {
         "name": "vm_agent_istio_stats",
         "module": {"local": {"filename": "/x/lib.so.1"}},
-        "metrics_namespace": "istiocustom",
+        "do_not_close": True,  # its exporter thread must never run unmapped code
     }
-    assert value["filter_config"]["value"] == "source"
+    assert value["filter_config"]["value"] == "source|/run/p/istio-stats.prom"
+
+
+def test_read_is_empty_before_the_first_write(tmp_path: Path) -> None:
+    stats = native.NativeStats("/x/lib.so.1", str(tmp_path / "istio-stats.prom"))
+    assert stats.read() == ""
+    (tmp_path / "istio-stats.prom").write_text("x 1\n")
+    assert stats.read() == "x 1\n"
 
 
 def test_the_agent_uses_it_only_with_the_shipped_envoy(
@@ -68,7 +75,11 @@ def test_the_agent_uses_it_only_with_the_shipped_envoy(
 
     def adapter(**env: str) -> str | None:
         options = Options(config_dir=folder, resolv_conf=fixture_copy.resolv_conf, environ=env, scan_interfaces=False)
-        return telemetry_adapter(load(options)).native
+        config = load(options)
+        chosen = telemetry_adapter(config).native
+        if chosen is not None:
+            assert chosen.export == str(config.paths.proxy_config_dir / native.EXPORT_FILE)
+        return chosen.module if chosen is not None else None
 
     assert adapter() == str(path)
     assert adapter(VM_AGENT_STRIP_ISTIO_PROXY_FILTERS="true") == str(path)

@@ -1,15 +1,18 @@
 """vm-agent's native stats filter: a C dynamic module for the Envoy the agent ships (``istio_stats.c``).
 
 It does the work of ``filters.http_stats`` (and, outbound, of the answer's ``header_to_metadata``) with each fact
-read once per request instead of formatted once per stat, and counts the same raw series, so the agent's metric
-rendering does not change. It is built for the shipped Envoy's module ABI (``envoy_abi.h``) and used only with that
-binary; any other Envoy, or a machine where it was not built, gets the stock-filter path.
+read once per request instead of formatted once per stat, and keeps the histograms itself instead of in Envoy's
+stats: it writes them, once a second, to a file in the Prometheus text Envoy would print for the same raw series
+(``NativeStats.export``), which the agent reads with Envoy's own text, so the agent's metric rendering does not
+change. It is built for the shipped Envoy's module ABI (``envoy_abi.h``) and used only with that binary; any other
+Envoy, or a machine where it was not built, gets the stock-filter path.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +35,16 @@ def module_path() -> Path | None:
     return path if shipped is not None and shipped.startswith(ENVOY_RELEASE) else None
 
 
-def choose(env: Mapping[str, str], envoy_binary: str | None) -> tuple[Path | None, str]:
-    """The module to count HTTP requests with (None: the stock filters) and why, for the agent and ``doctor``.
-    ``envoy_binary``: the configured binary (None: the shipped one)."""
+def choose(env: Mapping[str, str], envoy_binary: str | None, folder: Path) -> tuple[NativeStats | None, str]:
+    """The native filter to count HTTP requests with (None: the stock filters) and why, for the agent and
+    ``doctor``. ``envoy_binary``: the configured binary (None: the shipped one); ``folder``: where its file goes."""
     if envoy_binary:
         return None, "another Envoy binary is configured (its module ABI is unknown)"
     if env.get("VM_AGENT_NATIVE_STATS", "").strip().lower() in ("false", "0", "no"):
         return None, "VM_AGENT_NATIVE_STATS=false"
     path = module_path()
     if path is not None:
-        return path, f"the native stats filter ({path})"
+        return NativeStats(str(path), str(folder / EXPORT_FILE)), f"the native stats filter ({path})"
     if not Path(__file__).with_name(LIBRARY).is_file():
         return None, "the native stats filter was not built here (no C compiler at install time)"
     return None, f"the shipped Envoy is {shipped_envoy_release() or 'not installed'}, not {ENVOY_RELEASE}x"
@@ -56,18 +59,39 @@ def shipped_envoy_release() -> str | None:
     return None
 
 
-def http_filter(module: str, reporter: str, stat_scope: str) -> dict[str, Any]:
-    """The HCM filter (Envoy JSON form) that counts this side's requests; it goes first in the chain, so it sees
-    the caller's headers before anything edits them and the response after everything else."""
-    config = {
-        "dynamic_module_config": {
-            "name": "vm_agent_istio_stats",
-            "module": {"local": {"filename": module}},
-            # Envoy prints the module's stats as envoy_<namespace>_<name>, as the stock path's are.
-            "metrics_namespace": stat_scope,
-        },
-        "filter_name": "istio.stats",
-        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": reporter},
-    }
-    # TypedStruct: the Python descriptors this agent carries predate the module and namespace fields.
-    return {"name": "istio.stats", "typed_config": {"@type": TYPED_STRUCT, "type_url": TYPE, "value": config}}
+EXPORT_FILE = "istio-stats.prom"
+"""The filter's histograms, in the proxy's configuration folder (Envoy's user writes there)."""
+
+
+@dataclass(frozen=True)
+class NativeStats:
+    """The module Envoy loads and the file it writes its histograms to."""
+
+    module: str
+    export: str
+
+    def http_filter(self, reporter: str) -> dict[str, Any]:
+        """The HCM filter (Envoy JSON form) that counts this side's requests; it goes first in the chain, so it
+        sees the caller's headers before anything edits them and the response after everything else."""
+        config = {
+            "dynamic_module_config": {
+                "name": "vm_agent_istio_stats",
+                "module": {"local": {"filename": self.module}},
+                # Its exporter thread runs for Envoy's lifetime: the module must stay mapped when listeners change.
+                "do_not_close": True,
+            },
+            "filter_name": "istio.stats",
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": f"{reporter}|{self.export}",
+            },
+        }
+        # TypedStruct: the Python descriptors this agent carries predate some of the module's fields.
+        return {"name": "istio.stats", "typed_config": {"@type": TYPED_STRUCT, "type_url": TYPE, "value": config}}
+
+    def read(self) -> str:
+        """The histograms as the module last wrote them ("" before its first write)."""
+        try:
+            return Path(self.export).read_text(errors="replace")
+        except OSError:
+            return ""

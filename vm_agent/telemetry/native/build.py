@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 LIBRARY = "libvm_agent_istio_stats.so.1"  # the package's LIBRARY: setup.py runs this file without the package
 SOURCES = (HERE / "istio_stats.c", HERE / "envoy_abi.h")
-FLAGS = ("-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-fvisibility=hidden")
+FLAGS = ("-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread")
 
 
 def build(*, require: bool = False) -> Path | None:

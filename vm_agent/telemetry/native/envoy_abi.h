@@ -19,7 +19,6 @@ typedef void* envoy_filter;        /* Envoy's side of one stream's filter */
 
 enum envoy_header_map { ENVOY_REQUEST_HEADERS = 0, ENVOY_RESPONSE_HEADERS = 2 };
 enum envoy_metadata_source { ENVOY_METADATA_HOST = 3 };
-enum envoy_metrics_result { ENVOY_METRICS_OK = 0 };
 
 /* Positions in Envoy's attribute list (its CEL attribute names in the comments). */
 enum envoy_attribute {
@@ -36,12 +35,6 @@ enum envoy_attribute {
 };
 
 /* Callbacks Envoy exports to modules. */
-int envoy_dynamic_module_callback_http_filter_config_define_histogram(envoy_filter_config config, envoy_buffer name,
-                                                                     envoy_buffer* label_names, size_t label_count,
-                                                                     size_t* id);
-int envoy_dynamic_module_callback_http_filter_record_histogram_value(envoy_filter filter, size_t id,
-                                                                    envoy_buffer* label_values, size_t label_count,
-                                                                    uint64_t value);
 bool envoy_dynamic_module_callback_http_get_header(envoy_filter filter, int map, envoy_buffer key,
                                                    envoy_buffer* value, size_t index, size_t* count);
 /* A null value pointer removes the header. */
