@@ -209,7 +209,7 @@ def telemetry_adapter(config: Config) -> StockEnvoyAdapter:
     node = config.node
     exchange = NodeExchange(node.id, header_value(workload_from_metadata(node.metadata, node.locality)))
     configured = config.agent.envoy_binary
-    native, _ = choose_native(config.env, configured, config.paths.proxy_config_dir)
+    native, _ = choose_native(config.agent.native_stats, configured, config.paths.proxy_config_dir)
     forced = config.env.get("VM_AGENT_STRIP_ISTIO_PROXY_FILTERS", "").strip().lower()
     if forced:
         return StockEnvoyAdapter(exchange, forced not in ("false", "0", "no"), native)

@@ -715,6 +715,7 @@ def load(options: Options | None = None, *, strict: bool = False) -> Config:
         envoy_group=envoy_group,
         manage_capture=env_bool("VM_AGENT_MANAGE_CAPTURE", False),
         role=role,
+        native_stats=env_bool("VM_AGENT_NATIVE_STATS", True),
     )
 
     config = Config(

@@ -146,6 +146,7 @@ class AgentConfig:
     manage_capture: bool = False  # an agent running as root applies and removes the capture rules itself
     endpoint_hold_s: float = 45.0  # after a lost upstream: how long Envoy keeps endpoints istiod's first updates empty
     role: str = "sidecar"  # or "gateway": node type router, no capture, no DNS proxy, no probe (config/role.py)
+    native_stats: bool = True  # VM_AGENT_NATIVE_STATS: HTTP requests counted natively (telemetry/native)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ async def check_envoy(ctx: Context) -> CheckResult:
     version = match.group(1) if match else None
     details["version"] = version
     details["build"] = output.split("version:", 1)[-1].strip() if "version:" in output else output[:200]
-    native, why = choose_native(ctx.config.env, configured, ctx.config.paths.proxy_config_dir)
+    native, why = choose_native(ctx.config.agent.native_stats, configured, ctx.config.paths.proxy_config_dir)
     details["native_stats"] = native.module if native is not None else None
     metrics = f"HTTP metrics by {why}" if native is not None else f"HTTP metrics by stats access logs: {why}"
     return ok(ENVOY, f"Envoy {version or '(version not recognised)'} at {path} (from {source}); {metrics}", **details)

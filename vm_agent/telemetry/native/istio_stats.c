@@ -2,7 +2,7 @@
  *
  * The stock-filter path (vm_agent/telemetry/filters.py) makes Envoy's stats access logger format every fact of
  * every stat's tag anew: about 11 formatter commands x 3 histograms per request and side. This filter reads each
- * fact once, when the stream completes, joins them into the same raw tag (version 3, filters._raw) and records the
+ * fact once, when the stream completes, joins them into the same raw tag (version 3, filters._raw) and counts the
  * three histograms under it, so the agent's /stats/prometheus rendering (telemetry/metrics.py) is unchanged.
  *
  * Per side (filter_config, a string):
@@ -13,7 +13,7 @@
  * Facts left empty are empty fields, as the stock path prints them.
  *
  * The histograms are kept here, not in Envoy's stats: an Envoy stat with a dynamic label costs a name lookup per
- * value recorded (about a quarter of this filter's work, three per request). Each worker thread counts into its
+ * value recorded (three per request: three quarters of this filter's work when it used them). Each worker thread counts into its
  * own table (its lock is uncontended but for the exporter's brief visits); an exporter thread writes the sum of
  * all tables once a second, when something changed, to the file named in the configuration, in the Prometheus text
  * Envoy would print for the same histograms (Envoy's default buckets). The agent serves it with Envoy's own text. */
